@@ -1,0 +1,25 @@
+"""Command line: `quantkit info` and the train / sample / eval commands of the layers above.
+
+Each command lives in the module that owns it and exposes ``add_arguments(parser)`` and ``run(args)``; this file
+only lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module that implements it, one-line help)
+COMMANDS = {
+    "info": ("quantkit.info", "versions, built kernels, which kernel runs on each device, thread count"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="quantkit", description="quantkit: discrete image tokenizers for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    importlib.import_module(COMMANDS[args.command][0]).run(args)

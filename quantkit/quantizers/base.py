@@ -1,0 +1,187 @@
+"""The ``Quantizer`` base class and its one output type, ``QuantizerOutput``.
+
+Every quantizer in quantkit (VQ, SoftVQ, LFQ, FSQ, RQ, VQGAN-LC, and a user's own subclass) sees the same thing:
+the base class flattens the input to rows ``(N, dim)`` (moving channels last when ``channel_first=True``), drops
+masked-out rows from everything that learns or is measured, calls the subclass on the rows, and reshapes back.
+A subclass implements three methods on rows:
+
+    _quantize(z (N, dim), mask (N,) bool | None) -> (quantized (N, dim), indices (N,) or (N, M), loss scalar)
+    _encode(z (N, dim)) -> indices           pure: never changes a parameter or buffer
+    _decode(indices (N,) or (N, M), ...) -> (N, dim)
+
+The one idea to hold: ``indices`` are always int64 and ``loss`` is always a float32 scalar, whatever the method.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer returns.
+
+    quantized: x's shape and dtype; gradients reach x by straight-through unless the method says otherwise.
+    indices: int64, shape x.shape[:-1] (channels-last view), plus a trailing (depth,) / (heads,) for multi-index
+        methods.
+    loss: float32 scalar, the method's auxiliary losses already weighted (zero when there are none).
+    stats: detached scalars; at least ``perplexity`` and ``usage`` (fraction of the codebook used in this batch).
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Quantizers compute in float32 (float64 stays float64, for gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Perplexity and used fraction of ``codebook_size`` codes over ``indices`` (any shape; every column shares
+    one codebook of that size). Detached float32 scalars."""
+    flat = indices.detach().reshape(-1)
+    if flat.numel() == 0:
+        zero = torch.zeros((), device=indices.device)
+        return {"perplexity": zero, "usage": zero.clone()}
+    counts = torch.bincount(flat, minlength=codebook_size).float()
+    probs = counts / counts.sum()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
+    return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
+
+
+class Quantizer(nn.Module):
+    """Base class of every quantizer: one input layout, one output type, one index dtype.
+
+    Args:
+        dim: size of the vectors being quantized (the channel dimension of x).
+        codebook_size: number of codes (per depth / head for multi-index methods).
+        channel_first: x is (B, dim, *spatial) instead of (..., dim).
+    """
+
+    #: Name under which the class is registered (set by ``register_quantizer``).
+    registry_name: str = ""
+    #: True when ``quantized`` is a soft mixture (SoftVQ): decode then returns the most probable codes only.
+    soft: bool = False
+
+    def __init__(self, dim: int, codebook_size: int, channel_first: bool = False):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{type(self).__name__}: dim must be a positive int, got {dim!r}")
+        if not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f"{type(self).__name__}: codebook_size must be a positive int, got {codebook_size!r}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.channel_first = channel_first
+
+    # ------------------------------------------------------------------------------------------------------------
+    # what subclasses implement
+
+    @property
+    def num_indices(self) -> int:
+        """Indices per vector: 1 (then ``indices`` has no trailing axis), or depth / heads."""
+        return 1
+
+    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _encode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------------
+    # layout
+
+    def _to_rows(self, x: Tensor, name: str = "x") -> tuple[Tensor, tuple[int, ...]]:
+        """x -> (rows (N, dim) in the compute dtype, channels-last shape of x)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: {name} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: {name} must be a floating-point tensor, got {x.dtype}")
+        if self.channel_first:
+            if x.dim() < 2 or x.shape[1] != self.dim:
+                raise ValueError(f"{type(self).__name__}: with channel_first=True, {name} must have shape "
+                                 f"(B, {self.dim}, *spatial), got {tuple(x.shape)}")
+            x = x.movedim(1, -1)
+        elif x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__}: {name} must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        shape = tuple(x.shape)
+        return x.reshape(-1, self.dim).to(_compute_dtype(x.dtype)), shape
+
+    def _from_rows(self, rows: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        out = rows.reshape(shape).to(dtype)
+        return out.movedim(-1, 1) if self.channel_first else out
+
+    def _indices_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        lead = shape[:-1]
+        return lead if self.num_indices == 1 else (*lead, self.num_indices)
+
+    def _mask_rows(self, mask: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
+        if mask is None:
+            return None
+        if mask.dtype != torch.bool or tuple(mask.shape) != shape[:-1]:
+            raise ValueError(f"{type(self).__name__}: mask must be a bool tensor of shape {shape[:-1]} (x without "
+                             f"its channel dim), got {mask.dtype} of shape {tuple(mask.shape)}")
+        return mask.reshape(-1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # public API
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantizes x ((..., dim), or (B, dim, *spatial) when channel_first); rows where ``mask`` is False are
+        quantized too but take no part in the loss, the statistics or any codebook update."""
+        rows, shape = self._to_rows(x)
+        mask_rows = self._mask_rows(mask, shape)
+        quantized, indices, loss = self._quantize(rows, mask_rows)
+        used = indices if mask_rows is None else indices[mask_rows]
+        stats = batch_usage_stats(used, self.codebook_size)
+        return QuantizerOutput(
+            quantized=self._from_rows(quantized, shape, x.dtype),
+            indices=indices.reshape(self._indices_shape(shape)),
+            loss=loss.float().reshape(()),
+            stats=stats,
+        )
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Indices of x (int64); never changes a parameter or buffer."""
+        rows, shape = self._to_rows(x)
+        return self._encode(rows).reshape(self._indices_shape(shape))
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """Quantized vectors for ``indices`` in x's layout (channels first when channel_first), float32."""
+        if indices.dtype != torch.int64:
+            raise ValueError(f"{type(self).__name__}: indices must be int64, got {indices.dtype}")
+        self._check_indices(indices)
+        if self.num_indices == 1:
+            lead = tuple(indices.shape)
+            rows = self._decode(indices.reshape(-1))
+        else:
+            lead = tuple(indices.shape[:-1])
+            rows = self._decode(indices.reshape(-1, indices.shape[-1]))
+        out = rows.reshape(*lead, self.dim)
+        return out.movedim(-1, 1) if self.channel_first else out
+
+    def _check_indices(self, indices: Tensor, codebook_size: int | None = None) -> None:
+        """Raises when an index is outside [0, codebook_size)."""
+        size = self.codebook_size if codebook_size is None else codebook_size
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+            raise ValueError(f"{type(self).__name__}: indices must lie in [0, {size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, channel_first={self.channel_first}"
+
+
+def bits_for(codebook_size: int) -> int:
+    """log2 of a power-of-two codebook size (raises otherwise)."""
+    bits = int(round(math.log2(codebook_size)))
+    if 1 << bits != codebook_size:
+        raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
+    return bits
