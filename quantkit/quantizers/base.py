@@ -45,10 +45,11 @@ def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Perplexity and used fraction of ``codebook_size`` codes over ``indices`` (any shape; every column shares
     one codebook of that size). Detached float32 scalars."""
     flat = indices.detach().reshape(-1)
-    if flat.numel() == 0:
+    if flat.shape[0] == 0:
         zero = torch.zeros((), device=indices.device)
         return {"perplexity": zero, "usage": zero.clone()}
-    counts = torch.bincount(flat, minlength=codebook_size).float()
+    # index_add_ rather than bincount: a static output shape keeps torch.compile(fullgraph=True) working.
+    counts = torch.zeros(codebook_size, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
     probs = counts / counts.sum()
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
     return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
@@ -111,6 +112,8 @@ class Quantizer(nn.Module):
             x = x.movedim(1, -1)
         elif x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__}: {name} must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{type(self).__name__}: {name} contains NaN or inf")
         shape = tuple(x.shape)
         return x.reshape(-1, self.dim).to(_compute_dtype(x.dtype)), shape
 
