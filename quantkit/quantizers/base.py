@@ -43,14 +43,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Perplexity and used fraction of ``codebook_size`` codes over ``indices`` (any shape; every column shares
-    one codebook of that size). Detached float32 scalars."""
+    one codebook of that size). Negative indices (the -1 of a depth skipped by quantize-dropout) are not counted.
+    Detached float32 scalars."""
     flat = indices.detach().reshape(-1)
     if flat.shape[0] == 0:
         zero = torch.zeros((), device=indices.device)
         return {"perplexity": zero, "usage": zero.clone()}
     # index_add_ rather than bincount: a static output shape keeps torch.compile(fullgraph=True) working.
-    counts = torch.zeros(codebook_size, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
-    probs = counts / counts.sum()
+    counts = torch.zeros(codebook_size, device=flat.device).index_add_(0, flat.clamp_min(0), (flat >= 0).float())
+    probs = counts / counts.sum().clamp_min(1.0)
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
     return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
 
