@@ -69,6 +69,10 @@ class Quantizer(nn.Module):
     registry_name: str = ""
     #: True when ``quantized`` is a soft mixture (SoftVQ): decode then returns the most probable codes only.
     soft: bool = False
+    #: True when, in training, d quantized / d x is exactly the identity (plain straight-through, nothing
+    #: differentiable around the code choice); ``quantkit.testing`` then checks it. Set it per instance when options
+    #: (projections, the rotation trick, a bound) decide.
+    identity_gradient: bool = False
 
     def __init__(self, dim: int, codebook_size: int, channel_first: bool = False):
         super().__init__()
