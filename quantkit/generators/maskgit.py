@@ -1,0 +1,131 @@
+"""MaskGIT: a bidirectional transformer over the token grid, trained to fill in masked tokens and sampled by
+parallel decoding in a few steps.
+
+Paper: Chang et al. 2022, "MaskGIT: Masked Generative Image Transformer", https://arxiv.org/abs/2202.04200
+(reference code google-research/maskgit: ``libml/mask_schedule.py``, ``libml/parallel_decode.py``).
+
+The one idea to hold: training masks a cosine-scheduled fraction gamma(r) = cos(pi/2 r) of the tokens; decoding
+runs the same schedule backwards, each step sampling every masked token at once and keeping only the most
+confident ones (confidence = log-probability plus annealed Gumbel noise), re-masking the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import GeneratorConfig, TokenGenerator
+from ._registry import register_generator
+from .sampling import SamplingConfig, filter_logits, guided_logits, gumbel_noise
+from .transformer import Transformer, TransformerConfig
+
+
+def cosine_schedule(r: Tensor | float) -> Tensor:
+    """gamma(r) = cos(pi/2 r): fraction of tokens masked at progress r in [0, 1]; gamma(0) = 1, gamma(1) = 0."""
+    r = torch.as_tensor(r, dtype=torch.float32)
+    return torch.cos(math.pi / 2 * r).clamp(0.0, 1.0)
+
+
+def masked_counts(num_tokens: int, steps: int) -> list[int]:
+    """How many tokens are still masked after each of ``steps`` decoding steps (the last is always 0).
+
+    floor(N * gamma((t+1)/T)), kept strictly decreasing while possible so every step reveals at least one token.
+    """
+    counts, masked = [], num_tokens
+    for t in range(steps):
+        n = int(math.floor(num_tokens * float(cosine_schedule((t + 1) / steps))))
+        n = 0 if t == steps - 1 else max(0, min(n, masked - 1))
+        counts.append(n)
+        masked = n
+    return counts
+
+
+@dataclass
+class MaskGITConfig(GeneratorConfig):
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    default_steps: int = 8
+    choice_temperature: float = 4.5  # Gumbel scale on confidences at step 0, annealed linearly to 0
+
+
+@register_generator("maskgit", example=dict(vocab_size=16, token_shape=(4, 4), num_classes=3, dim=32, depth=2,
+                                            heads=2))
+class MaskGIT(TokenGenerator):
+    config_class = MaskGITConfig
+
+    def __init__(self, cfg: MaskGITConfig):
+        super().__init__(cfg)
+        if len(cfg.token_shape) != 2:
+            raise ValueError(f"MaskGIT models a (h, w) token grid, got token_shape {cfg.token_shape}")
+        self.num_tokens = cfg.token_shape[0] * cfg.token_shape[1]
+        self.mask_id = cfg.vocab_size  # one extra embedding row for [MASK]
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # + null class
+        self.pos_emb = nn.Parameter(torch.zeros(1, self.num_tokens + 1, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(TransformerConfig(cfg.dim, cfg.depth, cfg.heads, dropout=cfg.dropout))
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
+        for p in (self.tok_emb.weight, self.cls_emb.weight, self.pos_emb):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """ids (B, N) with ``mask_id`` where masked, labels (B,) (null class allowed) -> logits (B, N, V)."""
+        x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(ids)], dim=1) + self.pos_emb  # (B, 1+N, C)
+        x = self.transformer(self.drop(x))  # bidirectional: no mask
+        return self.head(x[:, 1:])
+
+    def loss(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy on the masked positions; the mask ratio is drawn from the cosine schedule."""
+        ids = self.check_ids(ids).flatten(1)  # (B, N)
+        B, N = ids.shape
+        ratio = cosine_schedule(torch.rand(B, device=ids.device))  # (B,)
+        n_masked = (ratio * N).ceil().clamp(1, N)  # (B,)
+        rank = torch.rand(B, N, device=ids.device).argsort(dim=1).argsort(dim=1)  # random rank of each position
+        masked = rank < n_masked[:, None]  # (B, N) bool
+        logits = self(ids.masked_fill(masked, self.mask_id), self.drop_labels(labels))
+        return F.cross_entropy(logits[masked], ids[masked], label_smoothing=self.cfg.label_smoothing)
+
+    def _guided(self, ids: Tensor, labels: Tensor, guidance: float) -> Tensor:
+        if guidance == 0:
+            return self(ids, labels)
+        cond, uncond = self(ids.repeat(2, 1), self.with_null(labels, guidance)).chunk(2)
+        return guided_logits(cond, uncond, guidance)
+
+    @torch.no_grad()
+    def generate(self, labels, steps: int | None = None, sampling: SamplingConfig | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Parallel decoding in ``steps`` steps. labels (B,) -> ids (B, h, w) int64."""
+        sampling = sampling or SamplingConfig()
+        steps = self.check_steps(steps, self.cfg.default_steps)
+        labels = self.check_labels(labels)
+        B, N = labels.shape[0], self.num_tokens
+        ids = torch.full((B, N), self.mask_id, dtype=torch.long, device=labels.device)
+        for t, n_keep_masked in enumerate(masked_counts(N, steps)):
+            unknown = ids == self.mask_id  # (B, N)
+            logits = filter_logits(self._guided(ids, labels, sampling.guidance), sampling.temperature,
+                                   sampling.top_k, sampling.top_p)  # (B, N, V)
+            probs = logits.softmax(-1)
+            sampled = torch.multinomial(probs.reshape(B * N, -1), 1, generator=generator).reshape(B, N)
+            sampled = torch.where(unknown, sampled, ids)
+            if n_keep_masked == 0:
+                ids = sampled
+                break
+            # confidence of each new token, with Gumbel noise annealed from choice_temperature to 0
+            log_p = torch.log(probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-30))  # (B, N)
+            anneal = self.cfg.choice_temperature * (1.0 - (t + 1) / steps)
+            confidence = log_p + anneal * gumbel_noise((B, N), generator, ids.device)
+            confidence = confidence.masked_fill(~unknown, float("inf"))  # known tokens are never re-masked
+            remask = confidence.argsort(dim=1)[:, :n_keep_masked]  # (B, n) least confident
+            ids = sampled.scatter(1, remask, self.mask_id)
+        return ids.reshape(B, *self.cfg.token_shape)
+
+    def evaluations_per_image(self, steps: int | None = None, guidance: float = 0.0) -> int:
+        steps = self.check_steps(steps, self.cfg.default_steps)
+        passes = masked_counts(self.num_tokens, steps).index(0) + 1  # decoding stops once nothing is masked
+        return passes * (2 if guidance > 0 else 1)

@@ -1,0 +1,266 @@
+"""Generators: shapes, causality by perturbation, KV cache == full recompute, seeded sampling, MaskGIT schedule,
+guidance, and the errors a user sees for a bad request. Tiny models, few steps."""
+import math
+
+import pytest
+import torch
+
+from quantkit.generators import (SamplingConfig, create_generator, example_config, list_generators,
+                                 make_generator)
+from quantkit.generators.maskgit import cosine_schedule, masked_counts
+from quantkit.generators.sampling import guided_logits, top_k_filter, top_p_filter
+from quantkit.generators.var import block_causal_mask, split_scales
+
+NAMES = list_generators()
+
+
+def build(name, **overrides):
+    model = create_generator(name, **{**example_config(name), **overrides})
+    return model.eval()
+
+
+def random_ids(model, batch=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.vocab_size, (batch, *model.cfg.token_shape), generator=gen)
+
+
+def test_registry_lists_all_four_generators():
+    assert set(NAMES) == {"maskgit", "var", "rq_transformer", "pixelcnn"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_returns_int64_ids_of_the_token_shape_within_the_vocabulary(name):
+    model = build(name)
+    ids = model.generate([0, 1, 2, 0], generator=make_generator(0))
+    assert ids.dtype == torch.long and tuple(ids.shape) == (4, *model.cfg.token_shape)
+    assert int(ids.min()) >= 0 and int(ids.max()) < model.vocab_size
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_is_finite_and_backpropagates(name):
+    model = build(name).train()
+    loss = model.loss(random_ids(model), torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.ndim == 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeded_sampling_is_reproducible(name):
+    model = build(name)
+    cfg = SamplingConfig(temperature=1.0, guidance=1.0)
+    a = model.generate([0, 1, 2], sampling=cfg, generator=make_generator(7))
+    b = model.generate([0, 1, 2], sampling=cfg, generator=make_generator(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_guidance_zero_equals_conditional_sampling(name):
+    model = build(name)
+    plain = model.generate([0, 1, 2], sampling=SamplingConfig(), generator=make_generator(3))
+    guided0 = model.generate([0, 1, 2], sampling=SamplingConfig(guidance=0.0), generator=make_generator(3))
+    assert torch.equal(plain, guided0)
+    cond, uncond = torch.randn(2, 5, 7).unbind(0)
+    assert torch.equal(guided_logits(cond, uncond, 0.0), cond)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# causality, by perturbation: changing a later token never changes an earlier position's logits
+
+def _changed_at(ids, order_len, p, vocab):
+    """ids with every code of raster position p shifted by one."""
+    changed = ids.clone().reshape(ids.shape[0], order_len, -1)
+    changed[:, p] = (changed[:, p] + 1) % vocab
+    return changed.reshape(ids.shape)
+
+
+def _unchanged(out, base):
+    """(B, P, ...) -> (P,) bool: True where a position's logits did not move."""
+    return ((out - base).abs().amax(dim=tuple(d for d in range(out.dim()) if d != 1)) < 1e-5)
+
+
+def test_pixelcnn_logits_depend_only_on_earlier_tokens_in_raster_order():
+    model = build("pixelcnn")
+    ids, labels = random_ids(model), torch.tensor([0, 1, 2])
+    H, W = model.cfg.token_shape
+    base = model(ids, labels).reshape(3, H * W, -1)
+    for p in [0, 5, H * W - 1]:
+        same = _unchanged(model(_changed_at(ids, H * W, p, model.vocab_size), labels).reshape(3, H * W, -1), base)
+        assert same[:p + 1].all(), f"token {p} leaked into the logits of itself or an earlier position"
+        assert p == H * W - 1 or not same[p + 1:].all(), "later positions should see the change"
+
+
+def test_rq_transformer_logits_are_causal_over_positions():
+    model = build("rq_transformer")
+    ids, labels = random_ids(model), torch.tensor([0, 1, 2])
+    h, w, D = model.cfg.token_shape
+    base = model(ids, labels).reshape(3, h * w, D, -1)
+    for p in [0, 4, h * w - 1]:
+        out = model(_changed_at(ids, h * w, p, model.vocab_size), labels).reshape(3, h * w, D, -1)
+        assert _unchanged(out, base)[:p].all(), f"position {p} leaked into earlier positions"
+        assert torch.allclose(out[:, p, 0], base[:, p, 0], atol=1e-5)  # its own first code cannot see it
+
+
+def test_var_logits_of_a_scale_depend_only_on_coarser_scales():
+    model = build("var")
+    ids = random_ids(model)
+    labels = torch.tensor([0, 1, 2])
+    base = model(ids, labels)
+    starts = model.starts
+    for k in range(len(model.scales)):
+        changed = ids.clone()
+        changed[:, starts[k]:starts[k + 1]] = (changed[:, starts[k]:starts[k + 1]] + 1) % model.vocab_size
+        out = model(changed, labels)
+        assert torch.allclose(out[:, :starts[k + 1]], base[:, :starts[k + 1]], atol=1e-5)  # this and coarser
+        if k + 1 < len(model.scales):
+            assert not torch.allclose(out[:, starts[k + 1]:], base[:, starts[k + 1]:], atol=1e-5)
+
+
+def test_var_block_causal_mask_lets_a_scale_see_itself_and_coarser_scales_only():
+    mask = block_causal_mask((1, 2, 3))
+    assert mask.shape == (14, 14)
+    assert mask[0, 0] and not mask[0, 1:].any()
+    assert mask[1:5, :5].all() and not mask[1:5, 5:].any()
+    assert mask[5:].all()
+
+
+def test_var_accepts_per_scale_maps_or_the_flat_sequence():
+    model = build("var")
+    seq = random_ids(model)
+    maps = split_scales(seq, model.scales)
+    assert [m.shape[-1] for m in maps] == list(model.scales)
+    torch.manual_seed(0)
+    a = model.loss(seq, torch.tensor([0, 1, 2]))
+    torch.manual_seed(0)
+    b = model.loss(maps, torch.tensor([0, 1, 2]))
+    assert torch.equal(a, b)
+
+
+def test_maskgit_logits_see_the_whole_grid():
+    model = build("maskgit")
+    ids = random_ids(model).flatten(1)
+    labels = torch.tensor([0, 1, 2])
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % model.vocab_size
+    assert not torch.allclose(model(ids, labels)[:, 0], model(changed, labels)[:, 0])  # bidirectional
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV cache decoding gives the logits of a full recompute
+
+def test_var_kv_cache_decoding_equals_full_recompute():
+    model = build("var")
+    ids = random_ids(model)
+    labels = torch.tensor([0, 1, 2])
+    full = model(ids, labels)
+    maps = split_scales(ids, model.scales)
+    cond = model.cls_emb(labels)
+    cache = model.transformer.new_cache()
+    for k in range(len(model.scales)):
+        x = model._start(cond) if k == 0 else model._scale_input(maps, k)
+        step = model.head(model.transformer(model._embed(x, k, k + 1), cond, None, cache))
+        assert torch.allclose(step, full[:, model.starts[k]:model.starts[k + 1]], atol=1e-5)
+
+
+def test_rq_transformer_kv_cache_decoding_equals_full_recompute():
+    model = build("rq_transformer")
+    ids = random_ids(model)
+    labels = torch.tensor([0, 1, 2])
+    full = model(ids, labels).reshape(3, model.T, model.D, -1)
+    codes = ids.reshape(3, model.T, model.D)
+    cache_t = model.spatial.new_cache()
+    x = model.cls_emb(labels)[:, None]
+    for t in range(model.T):
+        h = model.spatial(x + model.pos_hw[:, t:t + 1], cache=cache_t)[:, 0]
+        cache_d = model.depth.new_cache()
+        z = model._depth_inputs(h, codes[:, t])  # (B, D, C), already position-encoded
+        for d in range(model.D):
+            out = model.head(model.depth(z[:, d:d + 1], cache=cache_d)[:, 0])
+            assert torch.allclose(out, full[:, t, d], atol=1e-5)
+        x = model.spatial_emb(codes[:, t]).sum(1)[:, None]
+    assert len(cache_t) == model.T
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MaskGIT schedule
+
+def test_cosine_schedule_falls_from_one_to_zero_monotonically():
+    r = torch.linspace(0, 1, 101)
+    g = cosine_schedule(r)
+    assert math.isclose(float(g[0]), 1.0) and float(g[-1]) < 1e-6
+    assert (g[1:] <= g[:-1] + 1e-7).all()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8, 16, 40])
+def test_maskgit_masked_counts_decrease_strictly_and_end_at_zero(steps):
+    counts = masked_counts(16, steps)
+    assert counts[-1] == 0 or 0 in counts
+    seq = [16] + counts[:counts.index(0) + 1]
+    assert all(b < a for a, b in zip(seq, seq[1:]))
+
+
+def test_maskgit_decoding_reveals_every_token_with_no_mask_left():
+    model = build("maskgit")
+    for steps in (1, 3, 8):
+        ids = model.generate([0, 1], steps=steps, generator=make_generator(0))
+        assert int(ids.max()) < model.vocab_size  # mask id == vocab_size never survives
+
+
+def test_maskgit_evaluations_count_steps_and_double_under_guidance():
+    model = build("maskgit")
+    assert model.evaluations_per_image(8) == 8
+    assert model.evaluations_per_image(8, guidance=2.0) == 16
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sampling filters
+
+def test_top_k_keeps_exactly_k_and_top_p_keeps_the_top_token():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    assert torch.isfinite(top_k_filter(logits, 2)).sum() == 2
+    kept = torch.isfinite(top_p_filter(logits, 0.01))
+    assert kept.tolist() == [[True, False, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="guidance"):
+        SamplingConfig(guidance=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad requests get clear errors
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_class_is_refused_with_the_known_range(name):
+    model = build(name)
+    with pytest.raises(ValueError, match=r"unknown class 7.*0\.\.2"):
+        model.generate([0, 7])
+    with pytest.raises(ValueError, match="unknown class -1"):
+        model.generate([-1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_steps_is_refused(name):
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        build(name).generate([0], steps=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ids_outside_the_vocabulary_are_refused(name):
+    model = build(name)
+    ids = random_ids(model)
+    ids.view(-1)[0] = model.vocab_size + 3
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.loss(ids, torch.tensor([0, 1, 2]))
+
+
+def test_unknown_generator_and_config_key_are_refused():
+    with pytest.raises(ValueError, match="unknown generator"):
+        create_generator("nope")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        create_generator("maskgit", widht=3)
