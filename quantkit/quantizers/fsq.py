@@ -1,0 +1,129 @@
+"""Finite scalar quantization, FSQ (Mentzer et al. 2023, arXiv:2309.15505).
+
+Each of ``len(levels)`` channels is bounded to ``levels[i]`` values and rounded; the codebook is the implicit grid of
+``prod(levels)`` points, never materialized. The index reads the per-channel level indices as a mixed-radix number
+(channel 0 least significant).
+
+The one idea to hold: bound, then round. bound(z) = tanh(z + shift) * half_l - offset maps z onto an interval that
+holds exactly L integers (offset 0.5 for even L, so the grid is {-L/2, ..., L/2 - 1}); rounding it picks one, and the
+code is that integer divided by L // 2 (values in [-1, 1]). Gradients pass the rounding straight through and keep
+the bound's derivative.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import register_quantizer
+from .base import Quantizer
+
+__all__ = ["FSQ", "exact_straight_through"]
+
+_BOUND_EPS = 1e-3
+
+
+def exact_straight_through(z: Tensor, value: Tensor) -> Tensor:
+    """``value`` exactly in the forward pass, identity gradient to ``z``.
+
+    ``z + (value - z).detach()`` rounds (it differs from value in about a third of float32 entries), which would
+    break ``decode(indices) == quantized``; ``value + (z - z)`` adds an exact zero.
+    """
+    return value.detach() + (z - z.detach())
+
+
+def projections(dim: int, inner_dim: int, bias: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(project_in, project_out) between ``dim`` and ``inner_dim``; identities when they are equal."""
+    if dim == inner_dim:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, inner_dim, bias=bias), nn.Linear(inner_dim, dim, bias=bias)
+
+
+@register_quantizer("fsq", example=dict(dim=3, levels=(5, 4, 3)))
+class FSQ(Quantizer):
+    """FSQ with ``levels`` per channel; ``codebook_size = prod(levels)``.
+
+    Args:
+        levels: number of values per channel, each >= 2 (paper: [8,5,5,5] for 2^10, [8,8,8,5,5,5] for 2^16).
+            Even levels give the asymmetric grid {-L/2 .. L/2 - 1} / (L // 2); with L = 2 the bound's gradient is
+            small around 0, so prefer levels >= 3.
+        dim: input size; learned linear projections map dim <-> len(levels) when they differ (default len(levels)).
+        channel_first: x is (B, dim, *spatial).
+
+    No loss (always zero) and no state besides the optional projections.
+    """
+
+    def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
+                 projection_bias: bool = True):
+        levels = _check_levels(levels)
+        super().__init__(len(levels) if dim is None else dim, math.prod(levels), channel_first)
+        self.levels_list = levels
+        lv = torch.tensor(levels, dtype=torch.int64)
+        basis = torch.cumprod(torch.tensor((1, *levels[:-1]), dtype=torch.int64), 0)
+        # Integer buffers (``.half()`` cannot round them), not persistent: they follow from ``levels``, so a
+        # state_dict holds only the projections.
+        self.register_buffer("_levels", lv, persistent=False)  # (d,)
+        self.register_buffer("_basis", basis, persistent=False)  # (d,) mixed-radix place values
+        self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(self.levels_list)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def bound(self, z: Tensor) -> Tensor:
+        """(N, d) -> (N, d) in an interval holding exactly ``levels[i]`` integers per channel; bound(0) = 0."""
+        lv = self._levels.to(z.dtype)
+        half_l = (lv - 1) * (1 + _BOUND_EPS) / 2
+        offset = (1 - self._levels % 2).to(z.dtype) / 2  # 0.5 for even levels
+        return torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
+
+    def _round(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected rows (N, d) -> (codes (N, d) with straight-through rounding, level digits (N, d) int64)."""
+        b = self.bound(z)
+        low = -(self._levels // 2)  # (d,) smallest integer on the grid
+        integer = torch.maximum(torch.minimum(b.detach().round(), (low + self._levels - 1).to(b.dtype)),
+                                low.to(b.dtype))  # clamp guards the grid's edges against the (1 + eps) bound
+        codes = exact_straight_through(b, integer) / (self._levels // 2).to(b.dtype)
+        return codes, integer.long() - low
+
+    def digits_to_indices(self, digits: Tensor) -> Tensor:
+        """Level digits (..., d) in [0, L_i) -> mixed-radix indices (...)."""
+        return (digits * self._basis).sum(-1)
+
+    def indices_to_digits(self, indices: Tensor) -> Tensor:
+        """Indices (...) -> level digits (..., d)."""
+        return torch.div(indices.unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels
+
+    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Indices (...) -> grid codes (..., len(levels)) in [-1, 1], before the output projection."""
+        integer = self.indices_to_digits(indices) - self._levels // 2
+        return integer.to(dtype) / (self._levels // 2).to(dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        codes, digits = self._round(self.project_in(z))  # (N, d)
+        return self.project_out(codes), self.digits_to_indices(digits), z.new_zeros(())
+
+    def _encode(self, z: Tensor) -> Tensor:
+        return self.digits_to_indices(self._round(self.project_in(z))[1])
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        return self.project_out(self.indices_to_codes(indices))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, " + super().extra_repr()
+
+
+def _check_levels(levels: Sequence[int]) -> list[int]:
+    try:
+        levels = list(levels)
+    except TypeError:
+        raise ValueError(f"FSQ: levels must be a sequence of ints >= 2, got {levels!r}") from None
+    if not levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in levels):
+        raise ValueError(f"FSQ: levels must be a non-empty sequence of ints >= 2, got {levels!r}")
+    return levels

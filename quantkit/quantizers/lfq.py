@@ -1,0 +1,129 @@
+"""Lookup-free quantization, LFQ (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737; Open-MAGVIT2 arXiv:2409.04410).
+
+Each of ``bits = log2(codebook_size)`` channels is quantized to its sign (times ``codebook_scale``); the index reads
+the bits as an integer (channel 0 least significant). The codebook {-s, +s}^bits is implicit.
+
+The one idea to hold: the entropy regularizer is exact. The per-sample term factorizes per bit, and the codebook
+term (the entropy of the batch-mean soft assignment over all 2^bits codes) is one chunked GEMM over the two halves
+of the bits (:mod:`quantkit.quantizers.entropy`), so 2^18 codes never need an N x 2^18 matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._registry import register_quantizer
+from .base import Quantizer, bits_for
+from .entropy import codebook_entropy, per_sample_entropy
+from .fsq import exact_straight_through, projections
+
+__all__ = ["LFQ", "EntropyLoss"]
+
+
+@dataclass
+class EntropyLoss:
+    """MAGVIT-v2's entropy regularizer: ``weight * (sample_weight * mean_n H(p_n) - codebook_weight * H(mean_n p_n))``
+    over the soft assignment p_n(c) = softmax_c(-||z_n - c||^2 / temperature).
+
+    Defaults follow Open-MAGVIT2 (weight 0.1, temperature 0.01, both terms weighted 1). ``weight = 0`` disables
+    it (no GEMM is run). Computed in training mode only, over unmasked rows.
+    """
+
+    weight: float = 0.1
+    temperature: float = 0.01
+    sample_weight: float = 1.0
+    codebook_weight: float = 1.0
+    chunk_size: int = 4096  # rows per GEMM chunk of the codebook term
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"EntropyLoss: temperature must be positive, got {self.temperature!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"EntropyLoss: chunk_size must be a positive int, got {self.chunk_size!r}")
+
+
+@register_quantizer("lfq", example=dict(dim=4, codebook_size=16))
+class LFQ(Quantizer):
+    """LFQ with ``codebook_size`` codes (a power of two).
+
+    Args:
+        dim: input size (default ``log2(codebook_size)``); learned projections map dim <-> bits when they differ.
+        codebook_size: 2^bits.
+        commitment_weight: weight of mean ||z - sg(q)||^2 (0.25 in MAGVIT-v2 / Open-MAGVIT2).
+        entropy: :class:`EntropyLoss` (or a dict of its fields).
+        codebook_scale: codes are +-codebook_scale (residual LFQ shrinks it per depth).
+        channel_first: x is (B, dim, *spatial).
+    """
+
+    def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
+                 entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
+                 channel_first: bool = False, projection_bias: bool = True):
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
+            raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
+        try:
+            bits = bits_for(codebook_size)
+        except ValueError:
+            raise ValueError(f"LFQ: codebook_size must be a power of two, got {codebook_size}") from None
+        if not codebook_scale > 0:
+            raise ValueError(f"LFQ: codebook_scale must be positive, got {codebook_scale!r}")
+        super().__init__(bits if dim is None else dim, codebook_size, channel_first)
+        self.bits = bits
+        self.commitment_weight = float(commitment_weight)
+        self.entropy = entropy if isinstance(entropy, EntropyLoss) else EntropyLoss(**(entropy or {}))
+        self.codebook_scale = float(codebook_scale)
+        self.register_buffer("_powers", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)  # (bits,)
+        self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Indices (...) -> codes (..., bits) in {-scale, +scale}, before the output projection."""
+        bits = (indices.unsqueeze(-1) & self._powers) != 0
+        return torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype)
+
+    def bit_logits(self, h: Tensor) -> Tensor:
+        """Projected rows (N, bits) -> logits of p(bit = 1) under softmax(-||h - c||^2 / t): 4 s h / t."""
+        return h * (4 * self.codebook_scale / self.entropy.temperature)
+
+    def entropy_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean per-sample entropy, codebook entropy) of x's soft assignment, in nats (for monitoring)."""
+        rows, _ = self._to_rows(x)
+        logits = self.bit_logits(self.project_in(rows))
+        return per_sample_entropy(logits).mean(), codebook_entropy(logits, self.entropy.chunk_size)
+
+    def _hard(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected rows (N, bits) -> (codes (N, bits), indices (N,))."""
+        positive = h > 0
+        codes = torch.where(positive, self.codebook_scale, -self.codebook_scale).to(h.dtype)
+        return codes, (positive.long() * self._powers).sum(-1)
+
+    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.project_in(z)  # (N, bits)
+        codes, indices = self._hard(h)
+        quantized = self.project_out(exact_straight_through(h, codes))
+        if mask is not None:  # masked-out rows take no part in the loss
+            h, codes = h[mask], codes[mask]
+        loss = z.new_zeros(())
+        if h.shape[0] == 0:
+            return quantized, indices, loss
+        if self.commitment_weight:
+            loss = loss + self.commitment_weight * F.mse_loss(h, codes)
+        e = self.entropy
+        if self.training and e.weight:
+            logits = self.bit_logits(h)
+            sample = per_sample_entropy(logits).mean()
+            batch = codebook_entropy(logits, e.chunk_size) if e.codebook_weight else logits.new_zeros(())
+            loss = loss + e.weight * (e.sample_weight * sample - e.codebook_weight * batch)
+        return quantized, indices, loss
+
+    def _encode(self, z: Tensor) -> Tensor:
+        return self._hard(self.project_in(z))[1]
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        return self.project_out(self.indices_to_codes(indices))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, codebook_scale={self.codebook_scale}, " + super().extra_repr()

@@ -1,0 +1,170 @@
+"""Residual quantization over any inner quantizer (RQ-VAE, Lee et al. 2022, arXiv:2203.01941; SoundStream's
+quantize-dropout, arXiv:2107.03312).
+
+Depth d quantizes what the earlier depths left over: r_0 = z, q_d = Q_d(r_d), r_{d+1} = r_d - q_d, and the output
+is sum_d q_d. Q_d is any registered single-index quantizer (VQ, FSQ, LFQ, ...), one shared module or one per depth.
+
+The one idea to hold: ``indices`` are (..., depth) and every column is an ordinary index of the inner quantizer, so
+``decode`` accepts any prefix of the columns (coarse-to-fine), and -1 marks a depth skipped by quantize-dropout
+(it decodes to zero).
+
+Gradients: quantized reaches x through the first depth's estimator (straight-through for VQ / LFQ, the bound for
+FSQ), which is the chain rule of a straight-through residual stack; deeper depths see a detached residual, so
+their own losses train only their own parameters. ``commitment_weight`` adds RQ-VAE's commitment to every partial
+sum, mean_d ||x - sg(q_0 + ... + q_d)||^2, which does reach the encoder.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import create_quantizer, register_quantizer
+from .base import Quantizer
+from .fsq import exact_straight_through
+
+__all__ = ["ResidualQuantizer"]
+
+
+@register_quantizer("residual", example=dict(dim=3, quantizer="fsq", depth=3, levels=(5, 4, 3), layer_scale=0.25))
+class ResidualQuantizer(Quantizer):
+    """``depth`` residual levels of the quantizer registered as ``quantizer``.
+
+    Args:
+        dim: vector size (passed to the inner quantizer too).
+        quantizer: registered name of the inner quantizer ("vq", "fsq", "lfq", ...); it must give one index per
+            vector.
+        depth: number of levels D >= 1.
+        shared_codebook: one inner module for every depth (RQ-VAE) instead of D independent ones. With an EMA
+            codebook the shared module updates once per depth per step.
+        quantize_dropout: probability, per vector and training step, of keeping only a random prefix of
+            ``[min_depth, depth]`` levels (SoundStream); skipped levels contribute zero and get index -1.
+        min_depth: smallest prefix kept by quantize-dropout.
+        layer_scale: when set, depth d quantizes r_d / s^d and returns s^d * q (e.g. 0.5 for residual LFQ, whose
+            codes are +-1, or 1 / (L - 1) for residual FSQ), so every level sees a residual of unit scale.
+        commitment_weight: weight of RQ-VAE's partial-sum commitment (0 disables).
+        seed: seeds a private generator for quantize-dropout (default: the global torch RNG).
+        channel_first: x is (B, dim, *spatial).
+        **quantizer_kwargs: the inner quantizer's other keywords (``codebook_size``, ``levels``, ...).
+    """
+
+    def __init__(self, dim: int, quantizer: str = "vq", depth: int = 4, shared_codebook: bool = False,
+                 quantize_dropout: float = 0.0, min_depth: int = 1, layer_scale: float | None = None,
+                 commitment_weight: float = 0.0, seed: int | None = None, channel_first: bool = False,
+                 **quantizer_kwargs: Any):
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"ResidualQuantizer: depth must be an int >= 1, got {depth!r}")
+        if not 0.0 <= quantize_dropout <= 1.0:
+            raise ValueError(f"ResidualQuantizer: quantize_dropout must be a probability in [0, 1], "
+                             f"got {quantize_dropout!r}")
+        if isinstance(min_depth, bool) or not isinstance(min_depth, int) or not 1 <= min_depth <= depth:
+            raise ValueError(f"ResidualQuantizer: min_depth must be an int in [1, depth={depth}], got {min_depth!r}")
+        if layer_scale is not None and not 0 < layer_scale:
+            raise ValueError(f"ResidualQuantizer: layer_scale must be positive, got {layer_scale!r}")
+        if "channel_first" in quantizer_kwargs:
+            raise ValueError("ResidualQuantizer: pass channel_first to the ResidualQuantizer, not to the inner "
+                             "quantizer (it always sees rows)")
+        layers = [create_quantizer(quantizer, dim=dim, **quantizer_kwargs) for _ in range(1 if shared_codebook
+                                                                                          else depth)]
+        if layers[0].num_indices != 1:
+            raise ValueError(f"ResidualQuantizer: the inner quantizer {quantizer!r} must give one index per vector, "
+                             f"it gives {layers[0].num_indices}")
+        if layers[0].dim != dim:
+            raise ValueError(f"ResidualQuantizer: the inner quantizer has dim {layers[0].dim}, expected dim={dim}")
+        super().__init__(dim, layers[0].codebook_size, channel_first)
+        self.layers = nn.ModuleList(layers)
+        self.soft = layers[0].soft
+        self.depth = depth
+        self.shared_codebook = shared_codebook
+        self.quantize_dropout = float(quantize_dropout)
+        self.min_depth = min_depth
+        self.layer_scale = layer_scale
+        self.commitment_weight = float(commitment_weight)
+        self._generator: torch.Generator | None = None
+        self._seed = seed
+
+    @property
+    def num_indices(self) -> int:
+        return self.depth
+
+    def layer(self, d: int) -> Quantizer:
+        """The inner quantizer of depth d."""
+        return self.layers[0 if self.shared_codebook else d]
+
+    def _scale(self, d: int) -> float:
+        return 1.0 if self.layer_scale is None else self.layer_scale ** d
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _kept_depths(self, n: int, device: torch.device) -> Tensor | None:
+        """(n,) number of levels each row keeps this step, or None when every row keeps all of them."""
+        if not (self.training and self.quantize_dropout > 0 and self.min_depth < self.depth):
+            return None
+        if self._seed is not None and self._generator is None:
+            self._generator = torch.Generator().manual_seed(self._seed)
+        drop = torch.rand(n, generator=self._generator) < self.quantize_dropout
+        prefix = torch.randint(self.min_depth, self.depth + 1, (n,), generator=self._generator)
+        return torch.where(drop, prefix, self.depth).to(device)
+
+    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        kept = self._kept_depths(z.shape[0], z.device)
+        residual = z  # (N, dim); only depth 0 keeps the graph to z
+        total_hard = torch.zeros_like(z)  # sum of the kept levels' values
+        total = torch.zeros_like(z)  # the same values, carrying each level's gradient paths
+        indices, loss, commit = [], z.new_zeros(()), z.new_zeros(())
+        for d in range(self.depth):
+            active = None if kept is None else kept > d  # (N,)
+            layer_mask = active if mask is None else (mask if active is None else mask & active)
+            s = self._scale(d)
+            q, idx, layer_loss = self.layer(d)._quantize(residual / s if s != 1.0 else residual, layer_mask)
+            q = q * s if s != 1.0 else q
+            if active is not None:
+                q = torch.where(active[:, None], q, 0.0)
+                idx = torch.where(active, idx, -1)
+            indices.append(idx)
+            loss = loss + layer_loss
+            total = total + q
+            total_hard = total_hard + q.detach()
+            residual = (residual - q).detach()
+            if self.commitment_weight:
+                err = (z - total_hard).square().sum(-1) / z.shape[1]  # (N,)
+                commit = commit + (err.mean() if mask is None else err[mask].sum() / mask.sum().clamp_min(1))
+        if self.commitment_weight:
+            loss = loss + self.commitment_weight * commit / self.depth
+        return total, torch.stack(indices, dim=-1), loss  # (N, dim), (N, depth), ()
+
+    def _encode(self, z: Tensor) -> Tensor:
+        residual, indices = z, []
+        for d in range(self.depth):
+            s = self._scale(d)
+            layer = self.layer(d)
+            idx = layer._encode(residual / s if s != 1.0 else residual)
+            q = layer._decode(idx).to(z.dtype)
+            residual = residual - (q * s if s != 1.0 else q)
+            indices.append(idx)
+        return torch.stack(indices, dim=-1)  # (N, depth)
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        """(N, d') with 1 <= d' <= depth -> (N, dim): the sum of the first d' levels (-1 entries add nothing)."""
+        out = None
+        for d in range(indices.shape[1]):
+            idx = indices[:, d]
+            s = self._scale(d)
+            q = self.layer(d)._decode(idx.clamp_min(0))
+            q = q * s if s != 1.0 else q
+            q = torch.where((idx >= 0)[:, None], q, 0.0)
+            out = q if out is None else out + q
+        return out
+
+    def _check_indices(self, indices: Tensor, codebook_size: int | None = None) -> None:
+        if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.depth:
+            raise ValueError(f"ResidualQuantizer: indices must have shape (..., d) with 1 <= d <= depth="
+                             f"{self.depth}, got {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"ResidualQuantizer: indices must lie in [0, {self.codebook_size}) or be -1 (a skipped "
+                             f"depth), got range [{int(indices.min())}, {int(indices.max())}]")
+
+    def extra_repr(self) -> str:
+        return (f"depth={self.depth}, shared_codebook={self.shared_codebook}, "
+                f"quantize_dropout={self.quantize_dropout}, " + super().extra_repr())
