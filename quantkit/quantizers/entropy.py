@@ -81,7 +81,9 @@ class _CodebookEntropy(torch.autograd.Function):
                 rows = p[start:start + ctx.chunk].detach().requires_grad_(True)
                 a = _half_distribution(rows[:, :low])  # (n, 2^low)
                 b = _half_distribution(rows[:, low:])  # (n, 2^high)
-                (grad_rows,) = torch.autograd.grad((a, b), rows, (b @ g.T, a @ g))
+                # One scalar (a has no graph when the low half is empty, d = 1).
+                surrogate = (a * (b @ g.T).detach()).sum() + (b * (a @ g).detach()).sum()
+                (grad_rows,) = torch.autograd.grad(surrogate, rows)
             grad_p[start:start + ctx.chunk] = grad_rows
         return grad_p, None
 

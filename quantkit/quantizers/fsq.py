@@ -98,6 +98,11 @@ class FSQ(Quantizer):
         """Indices (...) -> level digits (..., d)."""
         return torch.div(indices.unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels
 
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """Grid codes (..., len(levels)) -> indices (...); the inverse of :meth:`indices_to_codes`."""
+        half = self._levels // 2
+        return self.digits_to_indices((codes * half.to(codes.dtype)).round().long() + half)
+
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Indices (...) -> grid codes (..., len(levels)) in [-1, 1], before the output projection."""
         integer = self.indices_to_digits(indices) - self._levels // 2

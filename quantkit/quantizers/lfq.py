@@ -76,6 +76,7 @@ class LFQ(Quantizer):
         self.codebook_scale = float(codebook_scale)
         self.register_buffer("_powers", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)  # (bits,)
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
+        self.identity_gradient = self.dim == bits  # plain straight-through unless projections surround it
 
     # ------------------------------------------------------------------------------------------------------------
 

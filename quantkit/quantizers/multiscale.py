@@ -57,6 +57,8 @@ class MultiScaleResidualQuantizer(Quantizer):
         num_phi: number of refinement convs shared across scales (VAR: 4); None gives one per scale.
     """
 
+    identity_gradient = True  # the output is f_hat with a straight-through gradient
+
     def __init__(self, dim: int, codebook_size: int, patch_nums: Sequence[int | tuple[int, int]] = (1, 2, 3, 4),
                  beta: float = 0.25, phi_ratio: float = 0.5, num_phi: int | None = 4):
         super().__init__(dim, codebook_size, channel_first=True)
@@ -77,9 +79,9 @@ class MultiScaleResidualQuantizer(Quantizer):
         elif num_phi is None:
             self._phi_of_scale = list(range(num_scales))
         else:  # the conv whose tick is nearest to the scale's relative position
-            ticks = torch.linspace(1 / (3 * n), 1 - 1 / (3 * n), n)
+            ticks = torch.linspace(1 / (3 * n), 1 - 1 / (3 * n), n, dtype=torch.float64)  # float64 as in VAR
             pos = [k / (num_scales - 1) if num_scales > 1 else 1.0 for k in range(num_scales)]
-            self._phi_of_scale = [int((ticks - p).abs().argmin()) for p in pos]
+            self._phi_of_scale = [int((ticks - p).abs().argmin()) for p in pos]  # ties: the lower conv
 
     # ------------------------------------------------------------------------------------------------------------
     # geometry

@@ -75,6 +75,7 @@ class ResidualQuantizer(Quantizer):
         super().__init__(dim, layers[0].codebook_size, channel_first)
         self.layers = nn.ModuleList(layers)
         self.soft = layers[0].soft
+        self.identity_gradient = layers[0].identity_gradient  # quantized reaches x through depth 0 only
         self.depth = depth
         self.shared_codebook = shared_codebook
         self.quantize_dropout = float(quantize_dropout)
