@@ -12,9 +12,9 @@ levels_st = st.lists(st.integers(2, 8), min_size=1, max_size=4).filter(lambda lv
 
 def _input_for_integers(q: FSQ, integers: torch.Tensor) -> torch.Tensor:
     """Inverts the bound: an input whose bound(x) equals the given grid integers (N, d), in float64."""
-    lv = q._levels.double()
+    lv = torch.tensor(q.levels, dtype=torch.float64)
     half_l = (lv - 1) * (1 + 1e-3) / 2
-    offset = (1 - q._levels % 2).double() / 2
+    offset = (1 - lv % 2) / 2
     return torch.atanh((integers + offset) / half_l) - torch.atanh(offset / half_l)
 
 
@@ -36,7 +36,7 @@ def test_index_code_map_is_a_bijection_over_the_whole_codebook(levels):
 def test_bounded_rounding_reaches_every_code_and_indexes_it(levels):
     q = FSQ(levels).eval()
     idx = torch.arange(q.codebook_size)
-    integers = q.indices_to_digits(idx) - q._levels // 2
+    integers = q.indices_to_digits(idx) - torch.tensor(q.levels) // 2
     x = _input_for_integers(q, integers.double())
     out = q(x)
     assert torch.equal(out.indices, idx)

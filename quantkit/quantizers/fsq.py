@@ -60,53 +60,57 @@ class FSQ(Quantizer):
         levels = _check_levels(levels)
         super().__init__(len(levels) if dim is None else dim, math.prod(levels), channel_first)
         self.levels_list = levels
-        lv = torch.tensor(levels, dtype=torch.int64)
-        basis = torch.cumprod(torch.tensor((1, *levels[:-1]), dtype=torch.int64), 0)
-        # Integer buffers (``.half()`` cannot round them), not persistent: they follow from ``levels``, so a
-        # state_dict holds only the projections.
-        self.register_buffer("_levels", lv, persistent=False)  # (d,)
-        self.register_buffer("_basis", basis, persistent=False)  # (d,) mixed-radix place values
+        self._basis_list = [math.prod(levels[:i]) for i in range(len(levels))]  # mixed-radix place values
         self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
 
     @property
     def levels(self) -> tuple[int, ...]:
         return tuple(self.levels_list)
 
+    # Constants are made on the fly rather than kept as buffers: they follow from ``levels``, stay int64 under
+    # ``.half()``, and a state_dict holds only the projections.
+    def _levels_like(self, t: Tensor) -> Tensor:
+        return torch.tensor(self.levels_list, dtype=torch.int64, device=t.device)  # (d,)
+
+    def _basis_like(self, t: Tensor) -> Tensor:
+        return torch.tensor(self._basis_list, dtype=torch.int64, device=t.device)  # (d,)
+
     # ------------------------------------------------------------------------------------------------------------
 
     def bound(self, z: Tensor) -> Tensor:
         """(N, d) -> (N, d) in an interval holding exactly ``levels[i]`` integers per channel; bound(0) = 0."""
-        lv = self._levels.to(z.dtype)
-        half_l = (lv - 1) * (1 + _BOUND_EPS) / 2
-        offset = (1 - self._levels % 2).to(z.dtype) / 2  # 0.5 for even levels
+        levels = self._levels_like(z)
+        half_l = (levels.to(z.dtype) - 1) * (1 + _BOUND_EPS) / 2
+        offset = (1 - levels % 2).to(z.dtype) / 2  # 0.5 for even levels
         return torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
 
     def _round(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Projected rows (N, d) -> (codes (N, d) with straight-through rounding, level digits (N, d) int64)."""
         b = self.bound(z)
-        low = -(self._levels // 2)  # (d,) smallest integer on the grid
-        integer = torch.maximum(torch.minimum(b.detach().round(), (low + self._levels - 1).to(b.dtype)),
+        levels = self._levels_like(z)
+        low = -(levels // 2)  # (d,) smallest integer on the grid
+        integer = torch.maximum(torch.minimum(b.detach().round(), (low + levels - 1).to(b.dtype)),
                                 low.to(b.dtype))  # clamp guards the grid's edges against the (1 + eps) bound
-        codes = exact_straight_through(b, integer) / (self._levels // 2).to(b.dtype)
+        codes = exact_straight_through(b, integer) / (levels // 2).to(b.dtype)
         return codes, integer.long() - low
 
     def digits_to_indices(self, digits: Tensor) -> Tensor:
         """Level digits (..., d) in [0, L_i) -> mixed-radix indices (...)."""
-        return (digits * self._basis).sum(-1)
+        return (digits * self._basis_like(digits)).sum(-1)
 
     def indices_to_digits(self, indices: Tensor) -> Tensor:
         """Indices (...) -> level digits (..., d)."""
-        return torch.div(indices.unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels
+        return torch.div(indices.unsqueeze(-1), self._basis_like(indices), rounding_mode="floor") % self._levels_like(indices)
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Grid codes (..., len(levels)) -> indices (...); the inverse of :meth:`indices_to_codes`."""
-        half = self._levels // 2
+        half = self._levels_like(codes) // 2
         return self.digits_to_indices((codes * half.to(codes.dtype)).round().long() + half)
 
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Indices (...) -> grid codes (..., len(levels)) in [-1, 1], before the output projection."""
-        integer = self.indices_to_digits(indices) - self._levels // 2
-        return integer.to(dtype) / (self._levels // 2).to(dtype)
+        half = self._levels_like(indices) // 2
+        return (self.indices_to_digits(indices) - half).to(dtype) / half.to(dtype)
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -74,15 +74,18 @@ class LFQ(Quantizer):
         self.commitment_weight = float(commitment_weight)
         self.entropy = entropy if isinstance(entropy, EntropyLoss) else EntropyLoss(**(entropy or {}))
         self.codebook_scale = float(codebook_scale)
-        self.register_buffer("_powers", 2 ** torch.arange(bits, dtype=torch.int64), persistent=False)  # (bits,)
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
         self.identity_gradient = self.dim == bits  # plain straight-through unless projections surround it
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def _powers(self, t: Tensor) -> Tensor:
+        """(bits,) int64 place values 2^i (made on the fly: a state_dict holds only the projections)."""
+        return 2 ** torch.arange(self.bits, dtype=torch.int64, device=t.device)
+
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Indices (...) -> codes (..., bits) in {-scale, +scale}, before the output projection."""
-        bits = (indices.unsqueeze(-1) & self._powers) != 0
+        bits = (indices.unsqueeze(-1) & self._powers(indices)) != 0
         return torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype)
 
     def bit_logits(self, h: Tensor) -> Tensor:
@@ -99,7 +102,7 @@ class LFQ(Quantizer):
         """Projected rows (N, bits) -> (codes (N, bits), indices (N,))."""
         positive = h > 0
         codes = torch.where(positive, self.codebook_scale, -self.codebook_scale).to(h.dtype)
-        return codes, (positive.long() * self._powers).sum(-1)
+        return codes, (positive.long() * self._powers(h)).sum(-1)
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h = self.project_in(z)  # (N, bits)

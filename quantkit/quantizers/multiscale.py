@@ -99,6 +99,13 @@ class MultiScaleResidualQuantizer(Quantizer):
     def num_indices(self) -> int:
         return self.num_tokens
 
+    def _indices_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], self.num_tokens)  # channels-last (B, H, W, C) -> (B, L)
+
+    def example_input(self, batch: int = 2, generator: torch.Generator | None = None) -> Tensor:
+        """A standard-normal (batch, C, H, W) map of the size this quantizer takes (used by quantkit.testing)."""
+        return torch.randn(batch, self.dim, *self.sizes[-1], generator=generator)
+
     def token_scales(self) -> Tensor:
         """(L,) int64: the scale of every position of ``indices`` (for VAR's block-causal mask)."""
         return torch.cat([torch.full((h * w,), k, dtype=torch.int64) for k, (h, w) in enumerate(self.sizes)])
