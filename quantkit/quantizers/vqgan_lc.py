@@ -1,0 +1,130 @@
+"""VQGAN-LC: a large frozen codebook of clustered features, with only a projector trained
+(Zhu et al. 2024, "Scaling the Codebook Size of VQGAN to 100,000 with a Utilization Rate of 99%",
+arXiv:2406.11837).
+
+The codebook E (K, F) holds k-means centroids of pretrained image features (CLIP patch tokens in the paper) and is
+never trained; a projector P: F -> dim (a linear layer) maps it into the latent space, and latents z are quantized
+against E' = P(E). Because every code moves whenever P moves, the whole codebook stays in use (the paper's 99%
+utilization at 100k codes), instead of a few codes drifting towards the encoder as in a plain VQ.
+
+Loss (the paper's): ``commitment_weight * ||z - sg(q)||^2 + projector_weight * ||sg(z) - q||^2``, q = P(E[i]); the
+second term is what trains P.
+
+The one idea to hold: the token id is a row of the frozen feature codebook; the projected codebook is recomputed
+from P on every forward (K x F x dim, cheap), searched with ``nearest_codeword``, and only the chosen rows are
+projected again with gradient, so nothing of size N x K is built.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import nearest_codeword
+from ._registry import register_quantizer
+from .base import Quantizer
+from .codebook import faiss_kmeans
+from .fsq import exact_straight_through
+from .vq import masked_mse
+
+__all__ = ["VQGANLCQuantizer"]
+
+
+@register_quantizer("vqgan_lc", example=dict(dim=8, codebook_size=64, feature_dim=16))
+class VQGANLCQuantizer(Quantizer):
+    """Frozen feature codebook (K, feature_dim) + trained linear projector to ``dim``.
+
+    Args:
+        dim: latent size (the paper uses 8).
+        codebook_size: number of codes K.
+        feature_dim: size of the frozen features (768 for CLIP ViT-L/14).
+        features_codebook: the (K, feature_dim) frozen codebook; default: a fixed random normal one (the paper's
+            "random fixed" baseline) -- build from real features with :meth:`from_features`.
+        commitment_weight: weight of the encoder term (paper: 1.0).
+        projector_weight: weight of the term that trains the projector (paper: 0.33).
+        seed: seed of the random codebook when ``features_codebook`` is None.
+        channel_first: x is (B, dim, *spatial).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, feature_dim: int | None = None, *,
+                 features_codebook: Tensor | None = None, commitment_weight: float = 1.0,
+                 projector_weight: float = 0.33, seed: int = 0, channel_first: bool = False):
+        super().__init__(dim, codebook_size, channel_first)
+        if features_codebook is not None:
+            if not isinstance(features_codebook, Tensor) or features_codebook.dim() != 2 \
+                    or features_codebook.shape[0] != codebook_size or not features_codebook.is_floating_point():
+                shape = tuple(features_codebook.shape) if isinstance(features_codebook, Tensor) else None
+                raise ValueError(f"VQGANLCQuantizer: features_codebook must be a float tensor of shape "
+                                 f"({codebook_size}, feature_dim), got {shape}")
+            if feature_dim is not None and feature_dim != features_codebook.shape[1]:
+                raise ValueError(f"VQGANLCQuantizer: feature_dim={feature_dim} disagrees with features_codebook's "
+                                 f"{features_codebook.shape[1]} columns")
+            if not bool(torch.isfinite(features_codebook).all()):
+                raise ValueError("VQGANLCQuantizer: features_codebook contains NaN or inf")
+            feature_dim = features_codebook.shape[1]
+            frozen = features_codebook.detach().float().clone()
+        else:
+            if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+                raise ValueError(f"VQGANLCQuantizer: feature_dim must be a positive int, got {feature_dim!r}")
+            frozen = torch.randn(codebook_size, feature_dim, generator=torch.Generator().manual_seed(seed))
+        for name, value in (("commitment_weight", commitment_weight), ("projector_weight", projector_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"VQGANLCQuantizer: {name} must be a finite number >= 0, got {value!r}")
+        self.feature_dim = feature_dim
+        self.commitment_weight, self.projector_weight = float(commitment_weight), float(projector_weight)
+        self.register_buffer("features_codebook", frozen)  # (K, F): a buffer, so it is saved but never trained
+        self.projector = nn.Linear(feature_dim, dim)
+        nn.init.normal_(self.projector.weight, std=dim ** -0.5)  # the paper's init
+        nn.init.zeros_(self.projector.bias)
+
+    @classmethod
+    def from_features(cls, features: Tensor, codebook_size: int, dim: int, *, niter: int = 10, seed: int = 0,
+                      max_points_per_centroid: int = 16, max_flat_codes: int = 4096,
+                      **kwargs) -> "VQGANLCQuantizer":
+        """Clusters ``features`` (M >= codebook_size, F) with faiss k-means into the frozen codebook.
+
+        Above ``max_flat_codes`` codes the clustering is two-level (see :func:`quantkit.quantizers.codebook.
+        faiss_kmeans`), which is what makes 100,000 codes take seconds rather than hours on a CPU.
+        """
+        if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+            raise ValueError(f"VQGANLCQuantizer.from_features: features must be a float tensor (M, F), got "
+                             f"{type(features).__name__ if not isinstance(features, Tensor) else tuple(features.shape)}")
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f"VQGANLCQuantizer.from_features: codebook_size must be a positive int, got "
+                             f"{codebook_size!r}")
+        if features.shape[0] < codebook_size:
+            raise ValueError(f"VQGANLCQuantizer.from_features: features must hold at least codebook_size="
+                             f"{codebook_size} vectors, got {features.shape[0]}")
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("VQGANLCQuantizer.from_features: features contains NaN or inf")
+        centroids = faiss_kmeans(features, codebook_size, niter=niter, seed=seed,
+                                 max_points_per_centroid=max_points_per_centroid, max_flat_codes=max_flat_codes)
+        return cls(dim, codebook_size, features_codebook=centroids, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def projected_codebook(self) -> Tensor:
+        """E' = P(E): (K, dim), the codebook the latents are searched against."""
+        return self.projector(self.features_codebook)
+
+    def _search(self, z: Tensor) -> Tensor:
+        with torch.no_grad():
+            codebook = self.projected_codebook().to(z.dtype)  # (K, dim)
+        return nearest_codeword(z.detach(), codebook).indices  # (N,)
+
+    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        indices = self._search(z)  # (N,)
+        codes = self._decode(indices).to(z.dtype)  # (N, dim), gradient to the projector only
+        weight = None if mask is None else mask.to(z.dtype)
+        loss = (self.commitment_weight * masked_mse(z, codes.detach(), weight)
+                + self.projector_weight * masked_mse(z.detach(), codes, weight))
+        return exact_straight_through(z, codes), indices, loss
+
+    def _encode(self, z: Tensor) -> Tensor:
+        return self._search(z)
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        return self.projector(self.features_codebook[indices])  # (N, F) -> (N, dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, feature_dim={self.feature_dim}"
+
