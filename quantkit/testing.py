@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import io
 import math
 import re
@@ -25,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from .quantizers._registry import example_kwargs, list_quantizers
+from .quantizers._registry import example_kwargs, list_quantizers, quantizer_class
 from .quantizers.base import Quantizer, QuantizerOutput
 
 __all__ = ["CHECKS", "check_quantizer", "example_input", "latents", "quantizer_configs", "registered_quantizers",
@@ -225,10 +227,27 @@ def _check_output(q: Quantizer, invariant: str, x: Tensor, out: Any) -> None:
         _fail(q, invariant, f"stats['perplexity'] is {perplexity}, outside [0, codebook_size={q.codebook_size}]")
 
 
+def _invariant(check: Callable[..., None]) -> Callable[..., None]:
+    """Makes any exception a check meets (the quantizer raising on valid input) an AssertionError naming q."""
+
+    @functools.wraps(check)
+    def run(q: Quantizer, *args: Any, **kwargs: Any) -> None:
+        try:
+            check(q, *args, **kwargs)
+        except AssertionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unexpected exception is the finding
+            what = check.__name__.removeprefix("check_").replace("_", " ")
+            raise AssertionError(f"{_name(q)}: {what}: raised {type(e).__name__} on a valid call: {e}") from e
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the invariants
 
 
+@_invariant
 def check_output_contract(q: Quantizer, x: Tensor) -> None:
     """In training and in eval: quantized has x's shape and dtype, indices are int64 of shape x.shape[:-1]
     (+ (M,)) within [0, codebook_size), loss is a finite float32 scalar, stats are detached finite scalars with
@@ -239,6 +258,7 @@ def check_output_contract(q: Quantizer, x: Tensor) -> None:
             _check_output(q, invariant, x, _copy(q, train)(x))
 
 
+@_invariant
 def check_encode_matches_forward(q: Quantizer, x: Tensor) -> None:
     """In eval, ``encode(x)`` gives the indices of ``forward(x)``."""
     q = _copy(q, False)
@@ -249,6 +269,7 @@ def check_encode_matches_forward(q: Quantizer, x: Tensor) -> None:
     _assert_equal(q, "eval encode(x) == forward(x).indices", "encode(x)", indices, out.indices)
 
 
+@_invariant
 def check_decode_round_trip(q: Quantizer, x: Tensor) -> None:
     """In eval, ``decode(q(x).indices)`` equals ``q(x).quantized`` (to a few float32 ulps of the data's scale:
     straight-through adds and subtracts z); for ``soft`` quantizers decode gives the most probable codes, so only
@@ -273,6 +294,7 @@ def check_decode_round_trip(q: Quantizer, x: Tensor) -> None:
                   atol=16 * eps * _scale(_channels_last(q, x).float(), expected))
 
 
+@_invariant
 def check_eval_purity(q: Quantizer, x: Tensor) -> None:
     """In eval, forward (with and without a mask), encode and decode change no parameter, buffer or plain-Python
     attribute, and repeating forward gives identical outputs."""
@@ -295,6 +317,7 @@ def check_eval_purity(q: Quantizer, x: Tensor) -> None:
     _assert_equal(q, invariant, "loss of a second forward", second.loss, first.loss)
 
 
+@_invariant
 def check_gradient(q: Quantizer, x: Tensor, identity: bool | None = None) -> None:
     """In training, the gradient of ``quantized`` reaches x and is finite; when ``identity`` (default:
     ``q.identity_gradient``) it equals the incoming gradient (straight-through). The loss's gradients to x and to
@@ -337,6 +360,7 @@ def _perturbed(q: Quantizer) -> Quantizer:
     return q
 
 
+@_invariant
 def check_state_dict_round_trip(q: Quantizer, x: Tensor, make: Callable[[], Quantizer] | None = None) -> None:
     """After a training step, ``state_dict`` saved with ``torch.save`` and loaded (``weights_only=True``) into a
     fresh quantizer (``make()``, else a copy with every tensor overwritten) gives identical eval outputs."""
@@ -354,7 +378,8 @@ def check_state_dict_round_trip(q: Quantizer, x: Tensor, make: Callable[[], Quan
         state = torch.load(buffer, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a state_dict that needs pickle is the finding
         _fail(q, invariant, f"the state_dict does not load with weights_only=True: {type(e).__name__}: {e}")
-    fresh = make() if make is not None else _perturbed(q)
+    with _seeded():
+        fresh = make() if make is not None else _perturbed(q)
     try:
         fresh.load_state_dict(state)
     except Exception as e:  # noqa: BLE001
@@ -373,6 +398,7 @@ def _default_mask(q: Quantizer, x: Tensor) -> Tensor:
     return mask.reshape(shape)
 
 
+@_invariant
 def check_mask(q: Quantizer, x: Tensor, mask: Tensor | None = None) -> None:
     """In training, forward(x, mask) matches forward on the masked-in vectors alone (two copies, one seed): the same
     loss, stats, indices and quantized on those vectors, the same parameter gradients, no loss gradient to the
@@ -421,6 +447,7 @@ def check_mask(q: Quantizer, x: Tensor, mask: Tensor | None = None) -> None:
         _fail(q, invariant, f"after the step, {diff} between the masked and the subset forward")
 
 
+@_invariant
 def check_fully_masked_batch(q: Quantizer, x: Tensor) -> None:
     """In training, a batch whose every vector is masked out gives a finite loss and finite stats (no 0 / 0)."""
     q = _copy(q, True)
@@ -430,6 +457,7 @@ def check_fully_masked_batch(q: Quantizer, x: Tensor) -> None:
     _check_output(q, "a fully masked batch gives finite loss and stats", x, out)
 
 
+@_invariant
 def check_low_precision(q: Quantizer, x: Tensor) -> None:
     """In eval, float16 and bfloat16 inputs give quantized in their own dtype and exactly the indices of the same
     values in float32: quantizers compute in float32 whatever the input dtype (so indices differ from those of the
@@ -447,6 +475,7 @@ def check_low_precision(q: Quantizer, x: Tensor) -> None:
         _assert_equal(q, invariant, "quantized", out.quantized, ref.quantized.to(dtype))
 
 
+@_invariant
 def check_autocast(q: Quantizer, x: Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
     """In eval under ``torch.autocast(dtype)``, a float32 x gives the float32 indices: the code choice is not
     computed in reduced precision (users train under autocast)."""
@@ -476,6 +505,7 @@ def _value_error_or_result(q: Quantizer, invariant: str, what: str, argument: st
     raise AssertionError("unreachable")
 
 
+@_invariant
 def check_bad_input(q: Quantizer, x: Tensor) -> None:
     """In training and eval, a wrong channel size, an integer x, NaN or inf in x, a mask of the wrong shape or
     dtype, and out-of-range or non-int64 indices for decode raise a ValueError naming the argument, and change no
@@ -522,6 +552,7 @@ def check_bad_input(q: Quantizer, x: Tensor) -> None:
                 _fail(q, f"bad input leaves every buffer unchanged ({mode})", f"{what}: {diff}")
 
 
+@_invariant
 def check_empty_batch(q: Quantizer, x: Tensor) -> None:
     """In training and eval, an empty batch either works (empty quantized and indices, finite loss and stats) or
     raises a ValueError naming x; encode and decode of nothing give nothing."""
@@ -544,6 +575,7 @@ def check_empty_batch(q: Quantizer, x: Tensor) -> None:
                                     f"{tuple(empty.shape)}")
 
 
+@_invariant
 def check_compile(q: Quantizer, x: Tensor, backend: str = "inductor") -> None:
     """In eval, ``torch.compile(q, fullgraph=True)`` gives eager's indices, and its quantized, loss and stats to
     float32 rounding."""
@@ -606,15 +638,16 @@ def check_quantizer(q: Quantizer, x: Tensor | None = None, *, make: Callable[[],
     if unknown:
         raise ValueError(f"check_quantizer: skip names unknown checks {sorted(unknown)}; known: {list(CHECKS)}")
     x = example_input(q) if x is None else x
-    for name, check in CHECKS.items():
-        if name in skip or (name == "compile" and not compile):
-            continue
-        if name == "state_dict_round_trip":
-            check(q, x, make=make)
-        elif name == "compile":
-            check(q, x, backend=compile_backend)
-        else:
-            check(q, x)
+    with _seeded():
+        for name, check in CHECKS.items():
+            if name in skip or (name == "compile" and not compile):
+                continue
+            if name == "state_dict_round_trip":
+                check(q, x, make=make)
+            elif name == "compile":
+                check(q, x, backend=compile_backend)
+            else:
+                check(q, x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,12 +699,15 @@ def latents(dim: int, *, channel_first: bool = False, dtypes: tuple[torch.dtype,
 def quantizer_configs(name: str, *, channel_first: Any = None, **overrides: Any):
     """Strategy for constructor keywords of the quantizer registered as ``name``: its registered example, with
     each override applied (a hypothesis strategy is drawn, any other value used as is). ``channel_first`` defaults
-    to drawing both layouts."""
+    to drawing both layouts when the constructor takes it."""
     from hypothesis import strategies as st
     from hypothesis.strategies import SearchStrategy
 
     base = example_kwargs(name)
-    overrides = {"channel_first": st.booleans() if channel_first is None else channel_first, **overrides}
+    if channel_first is None and "channel_first" in inspect.signature(quantizer_class(name)).parameters:
+        channel_first = st.booleans()
+    if channel_first is not None:
+        overrides = {"channel_first": channel_first, **overrides}
 
     @st.composite
     def draw_config(draw) -> dict[str, Any]:
