@@ -89,6 +89,9 @@ class ResidualQuantizer(Quantizer):
     def num_indices(self) -> int:
         return self.depth
 
+    def _indices_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*shape[:-1], self.depth)  # the depth axis stays, even at depth 1
+
     def layer(self, d: int) -> Quantizer:
         """The inner quantizer of depth d."""
         return self.layers[0 if self.shared_codebook else d]
@@ -98,18 +101,24 @@ class ResidualQuantizer(Quantizer):
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def _kept_depths(self, n: int, device: torch.device) -> Tensor | None:
-        """(n,) number of levels each row keeps this step, or None when every row keeps all of them."""
+    def _kept_depths(self, n: int, mask: Tensor | None, device: torch.device) -> Tensor | None:
+        """(n,) number of levels each row keeps this step, or None when every row keeps all of them.
+
+        Only masked-in rows draw (in order), so a masked batch draws exactly what the truncated batch draws."""
         if not (self.training and self.quantize_dropout > 0 and self.min_depth < self.depth):
             return None
         if self._seed is not None and self._generator is None:
             self._generator = torch.Generator().manual_seed(self._seed)
-        drop = torch.rand(n, generator=self._generator) < self.quantize_dropout
-        prefix = torch.randint(self.min_depth, self.depth + 1, (n,), generator=self._generator)
-        return torch.where(drop, prefix, self.depth).to(device)
+        m = n if mask is None else int(mask.sum())
+        drop = torch.rand(m, generator=self._generator) < self.quantize_dropout
+        prefix = torch.randint(self.min_depth, self.depth + 1, (m,), generator=self._generator)
+        drawn = torch.where(drop, prefix, self.depth).to(device)
+        if mask is None:
+            return drawn
+        return torch.full((n,), self.depth, device=device).masked_scatter(mask, drawn)
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        kept = self._kept_depths(z.shape[0], z.device)
+        kept = self._kept_depths(z.shape[0], mask, z.device)
         residual = z  # (N, dim); only depth 0 keeps the graph to z
         total_hard = torch.zeros_like(z)  # sum of the kept levels' values
         total = torch.zeros_like(z)  # the same values, carrying each level's gradient paths
@@ -157,6 +166,14 @@ class ResidualQuantizer(Quantizer):
             q = torch.where((idx >= 0)[:, None], q, 0.0)
             out = q if out is None else out + q
         return out
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """indices (..., d') with 1 <= d' <= depth -> the sum of the first d' levels, in x's layout (float32)."""
+        if indices.dtype != torch.int64:
+            raise ValueError(f"ResidualQuantizer: indices must be int64, got {indices.dtype}")
+        self._check_indices(indices)
+        out = self._decode(indices.reshape(-1, indices.shape[-1])).reshape(*indices.shape[:-1], self.dim)
+        return out.movedim(-1, 1) if self.channel_first else out
 
     def _check_indices(self, indices: Tensor, codebook_size: int | None = None) -> None:
         if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.depth:
