@@ -45,13 +45,20 @@ def _torch_version_hex() -> str:
 
 
 def _find_cuda_home():
-    home = os.getenv("CUDA_HOME") or os.getenv("CUDA_PATH")
-    if not home:
-        nvcc = shutil.which("nvcc")
-        if nvcc:
-            home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-        return home
+    """CUDA_HOME / CUDA_PATH, else the toolkit around nvcc on PATH, else the usual /usr/local/cuda* locations.
+
+    nvcc on PATH may be a wrapper script (this machine: /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc),
+    so a candidate counts only when it holds both bin/nvcc and include/cuda_runtime.h.
+    """
+    candidates = [os.getenv("CUDA_HOME"), os.getenv("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
     return None
 
 
@@ -74,25 +81,42 @@ class _BuildWithNvcc(BuildExtension):
     """Compiles the .cu files with nvcc directly and links the objects in.
 
     torch's own CUDA logic cannot be used on a CPU wheel (it has no CUDA_HOME and no libtorch_cuda to link), and
-    the kernels in csrc/cuda are torch-free, so plain nvcc is all they need.
+    the kernels in csrc/cuda are torch-free, so plain nvcc is all they need. The .cu sources are taken out of the
+    extension before BuildExtension.build_extensions looks at them (it would demand torch's CUDA_HOME), compiled in
+    parallel (an object newer than every csrc/cuda source and header is reused), and linked as extra objects.
     """
 
+    def build_extensions(self):
+        for ext in self.extensions:
+            ext.cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        super().build_extensions()
+
     def build_extension(self, ext):
-        cu_sources = [s for s in ext.sources if s.endswith(".cu")]
-        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        cu_sources = getattr(ext, "cu_sources", [])
         if cu_sources:
-            nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
-            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+            from concurrent.futures import ThreadPoolExecutor
+
             out_dir = os.path.join(self.build_temp, "cuda")
             os.makedirs(out_dir, exist_ok=True)
-            for src in cu_sources:
-                obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-                cmd = [nvcc, "-c", src, "-o", obj, "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
-                       f"-I{os.path.join(HERE, 'csrc')}", *gencode, *OPT, "-lineinfo" if DEBUG else "-DNDEBUG"]
-                print(" ".join(cmd), flush=True)
-                subprocess.check_call(cmd)
-                ext.extra_objects.append(obj)
+            newest_input = max(os.path.getmtime(p) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*")))
+            objects = [os.path.join(out_dir, os.path.basename(src) + ".o") for src in cu_sources]
+            jobs = max(1, min(len(cu_sources), int(os.getenv("MAX_JOBS", os.cpu_count() or 1))))
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda pair: self._nvcc(*pair, newest_input), zip(cu_sources, objects)))
+            ext.extra_objects.extend(objects)
         super().build_extension(ext)
+
+    @staticmethod
+    def _nvcc(src, obj, newest_input):
+        if os.path.exists(obj) and os.path.getmtime(obj) >= newest_input:
+            return
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+        cmd = [os.path.join(CUDA_HOME, "bin", "nvcc"), "-c", src, "-o", obj, "-std=c++17", "-Xcompiler", "-fPIC",
+               "--expt-relaxed-constexpr", f"-I{os.path.join(HERE, 'csrc')}", *gencode,
+               *(["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-DNDEBUG"])]  # nvcc has no -g0
+        print(" ".join(cmd), flush=True)
+        subprocess.check_call(cmd)
 
 
 def _extensions():
