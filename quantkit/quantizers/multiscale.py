@@ -214,7 +214,7 @@ class MultiScaleResidualQuantizer(Quantizer):
             raise ValueError(f"MultiScaleResidualQuantizer: indices must have shape (B, L), got {tuple(indices.shape)}")
         maps, start = [], 0
         for h, w in self.sizes:
-            if start >= indices.shape[-1]:
+            if start + h * w > indices.shape[-1]:
                 break
             maps.append(indices[:, start:start + h * w].reshape(-1, h, w))
             start += h * w
