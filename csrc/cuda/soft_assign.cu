@@ -99,6 +99,26 @@ __device__ void load_wide_chunk(const T* __restrict__ y, int64_t wide0, int64_t 
   }
 }
 
+// accum (narrow, D) = accum * scale[r] (1 when scale is null) + weights (narrow, 64) @ y[wide0 : wide0 + 64],
+// one D chunk of y at a time through stage; each output is one sequential fma chain over the 64 entries.
+template <typename T, typename Acc, int kNarrow>
+__device__ void accumulate_weighted(const Acc* weights, const Acc* scale, const T* __restrict__ y, int64_t wide0,
+                                    int64_t wide_count, int64_t dim, Acc* stage, Acc* accum) {
+  for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+    load_wide_chunk(y, wide0, wide_count, d0, dim, stage);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kNarrow * kChunk; e += kThreads) {
+      const int r = e / kChunk, d = e % kChunk;
+      if (d0 + d >= dim) continue;
+      Acc sum = 0;
+      for (int c = 0; c < kWide; ++c) sum = fma(weights[r * kWide + c], stage[c * kWideLd + d], sum);
+      Acc& slot = accum[r * dim + d0 + d];
+      slot = fma(slot, scale != nullptr ? scale[r] : Acc(1), sum);
+    }
+    __syncthreads();
+  }
+}
+
 // logit = (z.c - ||c||^2 / 2) * 2 / t for l2, z.c / t for dot.
 template <typename Acc> __device__ __forceinline__ Acc logit_of(Acc dot, Acc c_sq, int metric, Acc inv_t) {
   return metric == kL2 ? (dot - Acc(0.5) * c_sq) * (Acc(2) * inv_t) : dot * inv_t;
@@ -153,21 +173,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();
-    // o = o * scale + P @ C_tile, one D chunk at a time.
-    Acc* stage = smem + L.wide_stage;
-    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
-      load_wide_chunk(codebook, code0, num_codes, d0, dim, stage);
-      __syncthreads();
-      for (int e = tid; e < kNarrow * kChunk; e += kThreads) {
-        const int r = e / kChunk, d = e % kChunk;
-        if (d0 + d >= dim) continue;
-        Acc sum = 0;
-        for (int c = 0; c < kWide; ++c) sum = fma(probs[r * kWide + c], stage[c * kWideLd + d], sum);
-        Acc& slot = o[r * dim + d0 + d];
-        slot = fma(slot, row_scale[r], sum);
-      }
-      __syncthreads();
-    }
+    // o = o * scale + P @ C_tile.
+    accumulate_weighted<T, Acc, kNarrow>(probs, row_scale, codebook, code0, num_codes, dim, smem + L.wide_stage, o);
   }
 
   for (int64_t e = tid; e < kNarrow * dim; e += kThreads) {
@@ -240,19 +247,8 @@ __global__ void __launch_bounds__(kThreads)
       grad_logits[r * kWide + j] = gl;
     }
     __syncthreads();
-    Acc* stage = smem + L.wide_stage;
-    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
-      load_wide_chunk(codebook, code0, num_codes, d0, dim, stage);
-      __syncthreads();
-      for (int e = tid; e < kNarrow * kChunk; e += kThreads) {
-        const int r = e / kChunk, d = e % kChunk;
-        if (d0 + d >= dim) continue;
-        Acc sum = 0;
-        for (int c = 0; c < kWide; ++c) sum = fma(grad_logits[r * kWide + c], stage[c * kWideLd + d], sum);
-        gz[r * dim + d0 + d] += sum;
-      }
-      __syncthreads();
-    }
+    accumulate_weighted<T, Acc, kNarrow>(grad_logits, nullptr, codebook, code0, num_codes, dim, smem + L.wide_stage,
+                                         gz);  // gz += G @ C_tile
   }
 
   for (int64_t e = tid; e < kNarrow * dim; e += kThreads) {
