@@ -68,6 +68,9 @@ if CUDA_MODE == "1" and CUDA_HOME is None:
 WITH_CUDA = CUDA_MODE == "1" or (CUDA_MODE == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
 # A CUDA torch exports the CUDA stream shim; a CPU torch only the device-generic one (2.13+).
 TORCH_HAS_CUDA = torch.version.cuda is not None
+if WITH_CUDA and not TORCH_HAS_CUDA and _torch_version_hex() < "0x020d":
+    raise SystemExit(f"quantkit: compiling the CUDA kernels against a CPU build of torch needs torch >= 2.13 (the "
+                     f"stream's native handle), found {torch.__version__}; use QUANTKIT_CUDA=0 or a CUDA torch")
 
 OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 DEFINES = [f"-DTORCH_TARGET_VERSION={_torch_version_hex()}"]

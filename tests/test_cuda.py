@@ -40,8 +40,10 @@ def _unit(dtype):
 def _true_distances(z, codebook, metric):
     """(N, K) float64 distances computed directly, on the inputs as the kernel sees them (already rounded)."""
     z64, c64 = z.double().cpu(), codebook.double().cpu()
-    if metric == "l2":
-        return (z64[:, None, :] - c64[None, :, :]).square().sum(-1)
+    if metric == "l2":  # direct form, a row chunk at a time (N x K x D would not fit for the larger shapes)
+        step = max(1, 2 ** 22 // max(1, c64.numel()))
+        return torch.cat([(z64[i:i + step, None, :] - c64[None]).square().sum(-1)
+                          for i in range(0, z64.shape[0], step)])
     dot = z64 @ c64.T
     if metric == "dot":
         return -dot
