@@ -12,6 +12,8 @@ import sys
 # command -> (module that implements it, one-line help)
 COMMANDS = {
     "info": ("quantkit.info", "versions, built kernels, which kernel runs on each device, thread count"),
+    "train-tokenizer": ("quantkit.tokenizers.train", "train a VQVAE / VQGAN / TiTok tokenizer on any quantizer"),
+    "eval-tokenizer": ("quantkit.tokenizers.evaluate", "PSNR, SSIM, codebook use, throughput and a reconstruction grid"),
 }
 
 
