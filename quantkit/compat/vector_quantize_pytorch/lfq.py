@@ -1,0 +1,221 @@
+"""``LFQ`` and ``ResidualLFQ`` with the peer's keywords, call and return tuples, over :class:`quantkit.quantizers.LFQ`
+(MAGVIT-v2, arXiv:2310.05737) and :class:`quantkit.quantizers.ResidualQuantizer`.
+
+The one idea to hold: the peer reads the bits most-significant first (channel 0 is the top bit), quantkit least
+significant first, so the adapter reverses the channel order of each codebook group on the way in and out. Signs,
+codes and the entropy terms are unchanged by that permutation, and the indices become the peer's.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...quantizers import LFQ as _LFQ
+from ...quantizers import EntropyLoss, ResidualQuantizer
+from ...quantizers.base import bits_for
+from ._common import (REQUIRED, Option, decode_with_sentinel, from_channels_last, load_projections, only_default,
+                      parse_options, reject_call, set_signature, swapped, to_channels_last, unless)
+from .residual_vq import residual_losses
+
+__all__ = ["LFQ", "ResidualLFQ", "Return", "LossBreakdown", "LFQ_OPTIONS", "RLFQ_OPTIONS"]
+
+Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
+LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+
+_NS = "not supported"
+
+LFQ_OPTIONS: dict[str, Option] = {
+    "entropy_loss_weight": Option(0.1, "`EntropyLoss(weight=...)`"),
+    "commitment_loss_weight": Option(0.0, "`LFQ(commitment_weight=...)`"),
+    "diversity_gamma": Option(1.0, "`EntropyLoss(codebook_weight=...)`"),
+    "straight_through_activation": Option(None, "identity only (quantkit's straight-through)",
+                                          lambda v, _: v is None or isinstance(v, nn.Identity),
+                                          "quantkit's LFQ passes gradients straight through"),
+    "num_codebooks": Option(1, "adapter: the projected vector is split into groups of log2(codebook_size) bits; "
+                               "indices (..., num_codebooks); the codebook entropy is over all groups together"),
+    "keep_num_codebooks_dim": Option(None, "adapter: keep the codebook axis of indices (default: num_codebooks > 1)",
+                                     lambda v, vals: v is None or v or vals["num_codebooks"] == 1,
+                                     "num_codebooks > 1 needs the codebook axis (as in the peer)"),
+    "codebook_scale": Option(1.0, "`LFQ(codebook_scale=...)`"),
+    "frac_per_sample_entropy": Option(1.0, "quantkit computes the exact per-sample entropy (O(N bits) memory), the "
+                                           "value the peer's subsample estimates", lambda v, _: 0 < v <= 1,
+                                      "must lie in (0, 1]"),
+    "has_projections": Option(None, "the adapter's `project_in`/`project_out` (None: when dim != bits * "
+                                    "num_codebooks)"),
+    "projection_has_bias": Option(True, "bias of the adapter's projections"),
+    "soft_clamp_input_value": Option(None, _NS, only_default(None), "clamp the input before the adapter"),
+    "cosine_sim_project_in": Option(False, _NS, only_default(False), "no cosine-similarity projection in quantkit"),
+    "cosine_sim_project_in_scale": Option(None, "no effect while `cosine_sim_project_in = False`",
+                                          unless("cosine_sim_project_in", None)),
+    "channel_first": Option(None, "adapter layout (None: channel-first for 4-D and 5-D input, as in the peer)"),
+    "experimental_softplus_entropy_loss": Option(False, _NS, only_default(False), "quantkit's entropy loss is the "
+                                                                                  "paper's"),
+    "entropy_loss_offset": Option(5.0, "no effect while `experimental_softplus_entropy_loss = False`",
+                                  unless("experimental_softplus_entropy_loss", 5.0)),
+    "spherical": Option(False, _NS, only_default(False), "no BSQ (spherical codes) in quantkit's LFQ"),
+    "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
+                                     "quantkit always quantizes in float32"),
+    "orthogonal_rotation": Option(False, _NS, only_default(False), "no code rotation in quantkit's LFQ"),
+}
+
+
+def _entropy(o: dict) -> EntropyLoss:
+    # The peer's softmax(2 x.c * inv_temperature) is quantkit's softmax(-||x - c||^2 / t) with t = 1 / inv_temperature.
+    return EntropyLoss(weight=o["entropy_loss_weight"], temperature=0.01, codebook_weight=o["diversity_gamma"])
+
+
+def _temperature(quantizers, inv_temperature: float):
+    """Per-call ``inv_temperature`` of the entropy loss (quantkit keeps it in ``EntropyLoss.temperature``)."""
+    return swapped(quantizers, "entropy", lambda old: replace(old, temperature=1.0 / inv_temperature))
+
+
+class LFQ(nn.Module):
+    """The peer's ``LFQ(dim=None, codebook_size=None, **keywords)``; see ``LFQ_OPTIONS``.
+
+    ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None) -> Return(quantized, indices int64,
+    entropy_aux_loss)``, and ``(Return, LossBreakdown)`` with the breakdown.
+    """
+
+    def __init__(self, *, dim: int | None = None, codebook_size: int | None = None, **kwargs):
+        super().__init__()
+        o = parse_options("LFQ", LFQ_OPTIONS, kwargs)
+        if dim is None and codebook_size is None:
+            raise ValueError("LFQ: pass dim or codebook_size")
+        self.codebook_size = codebook_size if codebook_size is not None else 2 ** dim
+        self.codebook_dim = bits_for(self.codebook_size)
+        self.num_codebooks = o["num_codebooks"]
+        codebook_dims = self.codebook_dim * self.num_codebooks
+        self.dim = dim if dim is not None else codebook_dims
+        self.has_projections = o["has_projections"] if o["has_projections"] is not None else self.dim != codebook_dims
+        bias = o["projection_has_bias"]
+        self.project_in = nn.Linear(self.dim, codebook_dims, bias=bias) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dims, self.dim, bias=bias) if self.has_projections else nn.Identity()
+        self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
+            else self.num_codebooks > 1
+        self.channel_first = o["channel_first"]
+        self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
+                         entropy=_entropy(o), codebook_scale=o["codebook_scale"])
+
+    def _split(self, h: Tensor) -> Tensor:
+        """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
+        return h.unflatten(-1, (self.num_codebooks, self.codebook_dim)).flip(-1)
+
+    def _merge(self, codes: Tensor) -> Tensor:
+        return codes.flip(-1).flatten(-2)
+
+    def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
+                mask: Tensor | None = None):
+        channel_first = self.channel_first if self.channel_first is not None else x.dim() >= 4
+        z = to_channels_last(x, channel_first)  # (..., dim)
+        h = self._split(self.project_in(z))  # (..., c, bits)
+        if mask is not None:  # the peer's (B, N) mask over packed positions; quantkit's covers every index
+            mask = mask.reshape(z.shape[:-1])[..., None].expand(h.shape[:-1])
+        with _temperature([self.core], inv_temperature):
+            res = self.core(h, mask=mask)
+        out = from_channels_last(self.project_out(self._merge(res.quantized)), channel_first)
+        indices = res.indices if self.keep_num_codebooks_dim else res.indices.squeeze(-1)
+        zero = torch.zeros((), device=x.device)
+        ret = Return(out, indices, res.loss if self.training else zero)
+        if not return_loss_breakdown:
+            return ret
+        if not self.training:
+            return ret, LossBreakdown(zero, zero, zero)
+        rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
+        with _temperature([self.core], inv_temperature):
+            sample, batch = self.core.entropy_terms(rows)
+        commit = F.mse_loss(rows, self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
+        return ret, LossBreakdown(sample, batch, commit)
+
+    def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """indices -> the output forward gave for them (channel-first for image / video indices)."""
+        image = indices.dim() >= 3 + int(self.keep_num_codebooks_dim)
+        channel_first = self.channel_first if self.channel_first is not None else image
+        if not self.keep_num_codebooks_dim:
+            indices = indices.unsqueeze(-1)
+        codes = self._merge(self.core.indices_to_codes(indices.long()))
+        if project_out:
+            codes = self.project_out(codes)
+        return from_channels_last(codes, channel_first)
+
+    @torch.no_grad()
+    def load_peer_state_dict(self, state: dict[str, Tensor]) -> "LFQ":
+        """Copies a peer ``LFQ.state_dict()`` (its projections; the rest is fixed)."""
+        load_projections(self, state)
+        return self
+
+
+_RLFQ_OWN: dict[str, Option] = {
+    "num_quantizers": Option(REQUIRED, "`ResidualQuantizer(depth=...)`"),
+    "quantize_dropout": Option(False, "`ResidualQuantizer(quantize_dropout=1.0)` (per vector; the peer draws per "
+                                      "batch)"),
+    "quantize_dropout_cutoff_index": Option(0, "`ResidualQuantizer(min_depth=cutoff + 1)`"),
+    "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
+    "soft_clamp_input_value": Option(None, _NS, only_default(None), "clamp the input before the adapter"),
+}
+#: ResidualLFQ's own keywords, then the LFQ keywords it forwards to every level (the codebook scale halves per level:
+#: quantkit's ``layer_scale=0.5``).
+RLFQ_OPTIONS: dict[str, Option] = {
+    **_RLFQ_OWN,
+    **{name: opt for name, opt in LFQ_OPTIONS.items()
+       if name not in _RLFQ_OWN and name not in ("num_codebooks", "keep_num_codebooks_dim", "codebook_scale",
+                                                   "has_projections", "projection_has_bias", "channel_first")},
+    "num_codebooks": Option(1, "must be 1", only_default(1), "residual LFQ levels have one codebook"),
+}
+
+
+class ResidualLFQ(nn.Module):
+    """The peer's ``ResidualLFQ(dim=, codebook_size=, num_quantizers=, **keywords)``; see ``RLFQ_OPTIONS``.
+
+    ``forward(x, mask=None) -> (quantized, indices (..., Q) int64, losses (Q,)[, all_codes (Q, ..., bits)])``.
+    """
+
+    def __init__(self, *, dim: int, codebook_size: int, **kwargs):
+        super().__init__()
+        o = parse_options("ResidualLFQ", RLFQ_OPTIONS, kwargs)
+        if o["num_quantizers"] is REQUIRED:
+            raise TypeError("ResidualLFQ.__init__() missing required keyword argument: 'num_quantizers'")
+        self.dim, self.codebook_size, self.num_quantizers = dim, codebook_size, o["num_quantizers"]
+        self.codebook_dim = bits_for(codebook_size)
+        self.has_projections = self.codebook_dim != dim
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
+        self.rq = ResidualQuantizer(self.codebook_dim, "lfq", depth=self.num_quantizers, codebook_size=codebook_size,
+                                    entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
+                                    min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
+        for layer in self.rq.layers:
+            # ResidualQuantizer's own commitment_weight keyword shadows the levels' one: set it on each level.
+            layer.commitment_weight = float(o["commitment_loss_weight"])
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
+                rand_quantize_dropout_fixed_seed: int | None = None):
+        reject_call("ResidualLFQ", rand_quantize_dropout_fixed_seed=(
+            rand_quantize_dropout_fixed_seed, None, "seed quantkit's ResidualQuantizer(seed=...) instead"))
+        h = self.project_in(x).flip(-1)  # the peer's bit order -> quantkit's
+        res = self.rq(h, mask=mask)
+        out = self.project_out(res.quantized.flip(-1))
+        ret = (out, res.indices, residual_losses(res.loss, self.num_quantizers, self.training))
+        return (*ret, self.get_codes_from_indices(res.indices)) if return_all_codes else ret
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Per-level scaled codes (Q, ..., bits) in the peer's bit order; -1 gives zeros."""
+        codes = [decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]) * 0.5 ** d
+                 if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim)
+                 for d in range(self.num_quantizers)]
+        return torch.stack(codes).flip(-1)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        return self.project_out(self.rq.decode(indices.long()).flip(-1))
+
+    @torch.no_grad()
+    def load_peer_state_dict(self, state: dict[str, Tensor]) -> "ResidualLFQ":
+        load_projections(self, state)
+        return self
+
+
+set_signature(LFQ, [("dim", None), ("codebook_size", None)], LFQ_OPTIONS, keyword_only=True)
+set_signature(ResidualLFQ, [("dim", REQUIRED), ("codebook_size", REQUIRED)], RLFQ_OPTIONS, keyword_only=True)

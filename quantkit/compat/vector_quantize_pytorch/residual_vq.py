@@ -1,0 +1,215 @@
+"""``ResidualVQ`` and ``GroupedResidualVQ`` with the peer's keywords, call and return tuples, over
+:class:`quantkit.quantizers.ResidualQuantizer` of ``VectorQuantizer`` levels (SoundStream, arXiv:2107.03312;
+RQ-VAE, arXiv:2203.01941; grouped RVQ, arXiv:2305.02765).
+
+One ``project_in`` / ``project_out`` pair surrounds the whole stack (the peer's ``codebook_dim``); every level is a
+quantkit ``VectorQuantizer`` built from the same peer keywords as :class:`VectorQuantize`.
+
+The one idea to hold: layout is handled once, before the projection, so ``accept_image_fmap`` works (it crashes in
+the peer), and in training the output is the decode of the returned indices after the codebook update (no drift).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...quantizers import ResidualQuantizer
+from ...quantizers.fsq import exact_straight_through
+from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, load_codebook,
+                      load_projections, only_default, parse_options, reject_call, set_signature, to_channels_last)
+from .vq import VQ_OPTIONS, sampling_temperature, vq_core_kwargs
+
+__all__ = ["ResidualVQ", "GroupedResidualVQ", "RVQ_OPTIONS", "residual_losses"]
+
+_NS = "not supported"
+
+
+def _uniform_size(value, _):
+    return isinstance(value, int) or (isinstance(value, tuple) and len(set(value)) == 1)
+
+
+_RVQ_OWN: dict[str, Option] = {
+    "num_quantizers": Option(None, "`ResidualQuantizer(depth=...)` (None: len(codebook_size) for a tuple)"),
+    "codebook_dim": Option(None, "the adapter's `project_in`/`project_out` around the stack"),
+    "shared_codebook": Option(False, "`ResidualQuantizer(shared_codebook=True)`"),
+    "diveq": Option(False, _NS, only_default(False), "no DiVeQ estimator in quantkit"),
+    "heads": Option(1, "must be 1 (as in the peer)", only_default(1), "residual VQ has one head"),
+    "quantize_dropout": Option(False, "`ResidualQuantizer(quantize_dropout=1.0)`: every training vector keeps a random "
+                                      "prefix of levels (the peer draws one prefix per batch)"),
+    "quantize_dropout_cutoff_index": Option(0, "`ResidualQuantizer(min_depth=cutoff + 1)`"),
+    "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
+    "accept_image_fmap": Option(False, "adapter layout: (B, C, H, W) in and out, indices (B, H, W, Q) "
+                                       "(crashes in the peer)"),
+    "implicit_neural_codebook": Option(False, _NS, only_default(False), "no QINCo in quantkit"),
+    "mlp_kwargs": Option({}, "no effect without `implicit_neural_codebook` (as in the peer)",
+                         lambda v, vals: not vals["implicit_neural_codebook"] or v == {}),
+    "beam_size": Option(None, _NS, only_default(None), "no beam search in quantkit's residual quantizer"),
+    "eval_beam_size": Option(None, _NS, only_default(None), "no beam search in quantkit's residual quantizer"),
+    "beam_score_quantizer_weights": Option(None, _NS, only_default(None), "no beam search in quantkit"),
+    "quant_grad_frac": Option(0.0, "0: quantkit's straight-through stack (the output's gradient reaches x "
+                                   "through the first level)", only_default(0.0),
+                              "quantkit's residual gradient is fixed"),
+    "return_zeros_for_masked_padding": Option(True, "adapter: padding positions get zeros (True) or the input"),
+}
+_LAYOUT_ONLY = {
+    "channel_last": "residual VQ reads (..., dim), or feature maps with accept_image_fmap",
+    "accept_3d_fmap": "residual VQ takes accept_image_fmap only",
+    "separate_codebook_per_head": "residual VQ has one head",
+}
+#: ResidualVQ's own keywords, then the per-level VectorQuantize keywords it forwards.
+RVQ_OPTIONS: dict[str, Option] = {
+    **_RVQ_OWN,
+    **{name: Option(opt.default, "must stay at the default", only_default(opt.default), _LAYOUT_ONLY[name])
+       for name, opt in VQ_OPTIONS.items() if name in _LAYOUT_ONLY},
+    **{name: opt for name, opt in VQ_OPTIONS.items() if name not in _RVQ_OWN and name not in _LAYOUT_ONLY},
+}
+
+
+def residual_losses(loss: Tensor, depth: int, training: bool) -> Tensor:
+    """The peer's per-level loss vector (depth,) from quantkit's summed loss: each level holds loss / depth (so
+    ``.sum()`` and ``.mean()`` match the peer); zeros in eval, as in the peer."""
+    if not training:
+        return torch.zeros(depth, device=loss.device)
+    return (loss / depth).expand(depth)
+
+
+class ResidualVQ(nn.Module):
+    """The peer's ``ResidualVQ(dim=, codebook_size=, num_quantizers=, **keywords)``; see ``RVQ_OPTIONS``.
+
+    ``forward(x, mask=None, ...) -> (quantized, indices (..., Q) int64, losses (Q,)[, all_codes])`` with all_codes
+    (Q, ..., codebook_dim).
+    """
+
+    def __init__(self, *, dim: int, codebook_size: int | tuple[int, ...], **kwargs):
+        super().__init__()
+        o = parse_options("ResidualVQ", RVQ_OPTIONS, kwargs)
+        if not _uniform_size(codebook_size, o):
+            raise ValueError(f"ResidualVQ: codebook_size={codebook_size!r} gives levels different codebook sizes; "
+                             "not supported by quantkit's ResidualQuantizer (one size for every depth)")
+        sizes = codebook_size if isinstance(codebook_size, tuple) else None
+        depth = o["num_quantizers"] if o["num_quantizers"] is not None else (len(sizes) if sizes else None)
+        if depth is None:
+            raise ValueError("ResidualVQ: pass num_quantizers (or a tuple codebook_size)")
+        self.dim, self.num_quantizers = dim, depth
+        self.codebook_size = sizes[0] if sizes else codebook_size
+        self.codebook_dim = o["codebook_dim"] or dim
+        self.has_projections = self.codebook_dim != dim
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        dropout = bool(o["quantize_dropout"]) and depth > 1
+        core = vq_core_kwargs(o, self.codebook_dim)
+        self.rq = ResidualQuantizer(self.codebook_dim, "vq", depth=depth, shared_codebook=o["shared_codebook"],
+                                    quantize_dropout=1.0 if dropout else 0.0,
+                                    min_depth=min(o["quantize_dropout_cutoff_index"] + 1, depth),
+                                    codebook_size=self.codebook_size, **core)
+        self.quantize_dropout = dropout
+        self.shared_codebook = o["shared_codebook"]
+        self.accept_image_fmap = o["accept_image_fmap"]
+        self.return_zeros_for_masked_padding = o["return_zeros_for_masked_padding"]
+        self.ema_update = core["ema"] is not None
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(num_quantizers, codebook_size, codebook_dim)."""
+        return torch.stack([self.rq.layer(d).codebook.weight for d in range(self.num_quantizers)])
+
+    def _check_layout(self, x: Tensor) -> bool:
+        if self.accept_image_fmap and x.dim() != 4:
+            raise ValueError(f"ResidualVQ: accept_image_fmap expects (B, C, H, W), got {tuple(x.shape)}")
+        return self.accept_image_fmap
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, indices: Tensor | None = None,
+                return_all_codes: bool = False, sample_codebook_temp: float | None = None,
+                freeze_codebook: bool = False, beam_size: int | None = None,
+                rand_quantize_dropout_fixed_seed: int | None = None):
+        reject_call("ResidualVQ",
+                    indices=(indices, None, "the residual cross-entropy head is not in quantkit; use "
+                                            "VectorQuantize(indices=...) per level"),
+                    freeze_codebook=(freeze_codebook, False, "call the adapter in eval() for a pure lookup"),
+                    beam_size=(beam_size, None, "no beam search in quantkit's residual quantizer"),
+                    rand_quantize_dropout_fixed_seed=(rand_quantize_dropout_fixed_seed, None,
+                                                      "seed quantkit's ResidualQuantizer(seed=...) instead"))
+        channel_first = self._check_layout(x)
+        z = to_channels_last(x, channel_first)  # (..., dim)
+        h = self.project_in(z)  # (..., codebook_dim)
+        with sampling_temperature(self.rq.layers, sample_codebook_temp):
+            res = self.rq(h, mask=mask)
+        q, idx = res.quantized, res.indices
+        if self.training and self.ema_update:
+            q = exact_straight_through(q, self.rq.decode(idx).to(q.dtype))  # codes after this step's update
+        out, idx = apply_padding(self.project_out(q), idx, mask,
+                                 None if self.return_zeros_for_masked_padding else z, 1)
+        ret = (from_channels_last(out, channel_first), idx, residual_losses(res.loss, self.num_quantizers,
+                                                                             self.training))
+        return (*ret, self.get_codes_from_indices(idx)) if return_all_codes else ret
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Per-level codes (Q, ..., codebook_dim), before project_out; -1 (or missing trailing levels) gives zeros."""
+        codes = []
+        for d in range(self.num_quantizers):
+            if d < indices.shape[-1]:
+                codes.append(decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]))
+            else:
+                codes.append(torch.zeros(*indices.shape[:-1], self.codebook_dim, device=indices.device))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """The output for indices (..., Q') with Q' <= Q levels, in forward's layout."""
+        out = self.project_out(self.rq.decode(indices.long()))  # -1 levels add nothing
+        return from_channels_last(out, self.accept_image_fmap)
+
+    @torch.no_grad()
+    def load_peer_state_dict(self, state: dict[str, Tensor], prefix: str = "") -> "ResidualVQ":
+        """Copies a peer ``ResidualVQ.state_dict()`` (same constructor keywords) into this adapter."""
+        load_projections(self, state, prefix)
+        for d, layer in enumerate(self.rq.layers):
+            load_codebook(layer.codebook, state, f"{prefix}layers.{d}._codebook")
+        return self
+
+
+class GroupedResidualVQ(nn.Module):
+    """The peer's ``GroupedResidualVQ(dim=, groups=, **ResidualVQ keywords)``: one ResidualVQ per channel group.
+
+    ``forward -> (quantized, indices (G, ..., Q), losses (G, Q)[, all_codes (G, Q, ..., codebook_dim)])``.
+    """
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"GroupedResidualVQ: groups={groups} must divide dim={dim}")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList([ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+                                   for _ in range(groups)])
+
+    @property
+    def split_dim(self) -> int:
+        return 1 if self.accept_image_fmap else -1
+
+    @property
+    def codebooks(self) -> Tensor:
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    def forward(self, x: Tensor, indices: Tensor | None = None, return_all_codes: bool = False,
+                sample_codebook_temp: float | None = None, freeze_codebook: bool = False,
+                mask: Tensor | None = None):
+        reject_call("GroupedResidualVQ", indices=(indices, None, "the residual cross-entropy head is not in quantkit"))
+        outs = [rvq(chunk, mask=mask, return_all_codes=return_all_codes, sample_codebook_temp=sample_codebook_temp,
+                    freeze_codebook=freeze_codebook)
+                for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))]
+        quantized = torch.cat([o[0] for o in outs], dim=self.split_dim)
+        return (quantized, *(torch.stack([o[i] for o in outs]) for i in range(1, len(outs[0]))))
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)], dim=self.split_dim)
+
+    @torch.no_grad()
+    def load_peer_state_dict(self, state: dict[str, Tensor]) -> "GroupedResidualVQ":
+        for g, rvq in enumerate(self.rvqs):
+            rvq.load_peer_state_dict(state, prefix=f"rvqs.{g}.")
+        return self
+
+
+set_signature(ResidualVQ, [("dim", REQUIRED), ("codebook_size", REQUIRED)], RVQ_OPTIONS, keyword_only=True)
