@@ -14,6 +14,8 @@ COMMANDS = {
     "info": ("quantkit.info", "versions, built kernels, which kernel runs on each device, thread count"),
     "train-tokenizer": ("quantkit.tokenizers.train", "train a VQVAE / VQGAN / TiTok tokenizer on any quantizer"),
     "eval-tokenizer": ("quantkit.tokenizers.evaluate", "PSNR, SSIM, codebook use, throughput and a reconstruction grid"),
+    "train-generator": ("quantkit.generators.train", "train MaskGIT / VAR / RQ-Transformer / PixelCNN on a tokenizer's IDs"),
+    "sample": ("quantkit.generators.sample", "class labels, count, steps, guidance, seed -> PNG grid and token IDs"),
 }
 
 
