@@ -130,21 +130,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, step: int, tokenizer: Tokenizer, train_config: TrainConfig | None,
-                    train_state: dict[str, Any] | None, metrics: dict[str, float] | None = None,
-                    keep: int = 2) -> Path:
-    """Writes checkpoints/step_{step} atomically (temp folder, then rename) and points latest.json at it."""
+def _write_checkpoint_files(tmp: Path, step: int, tokenizer: Tokenizer, train_config: TrainConfig | None,
+                            train_state: dict[str, Any] | None, metrics: dict[str, float] | None) -> None:
     from safetensors.torch import save_file
 
-    if not tokenizer.quantizer.registry_name:
-        raise ValueError("save_checkpoint: the tokenizer's quantizer is not a registered quantizer, so the checkpoint "
-                         "could not be rebuilt; register it with quantkit.quantizers.register_quantizer")
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     config = {"format": FORMAT, "version": FORMAT_VERSION, "model": tokenizer.registry_name,
@@ -158,6 +147,26 @@ def save_checkpoint(out_dir: Path, step: int, tokenizer: Tokenizer, train_config
     for p in tmp.iterdir():  # flush before the rename makes the folder visible
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+
+
+def save_checkpoint(out_dir: Path, step: int, tokenizer: Tokenizer, train_config: TrainConfig | None,
+                    train_state: dict[str, Any] | None, metrics: dict[str, float] | None = None,
+                    keep: int = 2) -> Path:
+    """Writes checkpoints/step_{step} atomically (temp folder, then rename) and points latest.json at it."""
+    if not tokenizer.quantizer.registry_name:
+        raise ValueError("save_checkpoint: the tokenizer's quantizer is not a registered quantizer, so the checkpoint "
+                         "could not be rebuilt; register it with quantkit.quantizers.register_quantizer")
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_checkpoint_files(tmp, step, tokenizer, train_config, train_state, metrics)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint and latest.json stay as they were
+        raise
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         old = root / f".old-step_{step:07d}-{os.getpid()}"
         os.replace(final, old)
