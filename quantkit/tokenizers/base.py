@@ -25,7 +25,9 @@ latent channels, and a mismatch is an error that says which number to change.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -84,6 +86,25 @@ def with_overrides(config, overrides: dict[str, Any]):
     return type(config).from_dict(d)
 
 
+def _dataclass_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Turns dict values into the dataclass a constructor annotates (e.g. VQ's ``dead_code={"threshold": 1}`` ->
+    ``DeadCodeConfig(threshold=1)``), so JSON configs can reach every quantizer option."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: pass the keywords through unchanged
+        return kwargs
+    out = dict(kwargs)
+    for name, value in kwargs.items():
+        if not isinstance(value, dict) or name not in hints:
+            continue
+        hint = hints[name]
+        options = typing.get_args(hint) or (hint,)
+        targets = [t for t in options if dataclasses.is_dataclass(t)]
+        if targets and dict not in options:
+            out[name] = targets[0](**value)
+    return out
+
+
 def build_quantizer(name_or_module: str | Quantizer, kwargs: dict[str, Any], dim: int, owner: str) -> Quantizer:
     """A quantizer for ``dim``-channel latents: a registered name + keywords (``dim`` is filled in), or an instance.
 
@@ -100,10 +121,16 @@ def build_quantizer(name_or_module: str | Quantizer, kwargs: dict[str, Any], dim
                              f"{dim}-channel latents; drop 'dim' from the quantizer keywords or set the tokenizer's "
                              f"embed_dim to {kwargs['dim']}")
         kwargs["dim"] = dim
-        params = inspect.signature(quantizer_class(name_or_module)).parameters
+        cls = quantizer_class(name_or_module)
+        kwargs = _dataclass_kwargs(cls, kwargs)
+        params = inspect.signature(cls).parameters
         if "channel_first" in params:
             kwargs.setdefault("channel_first", False)
-        quantizer = create_quantizer(name_or_module, **kwargs)
+        try:
+            quantizer = create_quantizer(name_or_module, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"{owner}: quantizer {name_or_module!r} does not take these keywords ({err}); its "
+                             f"signature is {inspect.signature(cls)}") from err
     if quantizer.dim != dim:
         raise ValueError(f"{owner}: the quantizer has dim={quantizer.dim} but the encoder produces {dim}-channel "
                          f"latents; build the quantizer with dim={dim} or set the tokenizer's embed_dim to "
