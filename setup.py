@@ -103,7 +103,8 @@ class _BuildWithNvcc(BuildExtension):
             out_dir = os.path.join(self.build_temp, "cuda")
             os.makedirs(out_dir, exist_ok=True)
             newest_input = max(os.path.getmtime(p) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*")))
-            objects = [os.path.join(out_dir, os.path.basename(src) + ".o") for src in cu_sources]
+            tag = "sm" + "_".join(ARCHS) + ("_debug" if DEBUG else "")  # a cached object is reused only as built
+            objects = [os.path.join(out_dir, f"{os.path.basename(src)}.{tag}.o") for src in cu_sources]
             jobs = max(1, min(len(cu_sources), int(os.getenv("MAX_JOBS", os.cpu_count() or 1))))
             with ThreadPoolExecutor(jobs) as pool:
                 list(pool.map(lambda pair: self._nvcc(*pair, newest_input), zip(cu_sources, objects)))

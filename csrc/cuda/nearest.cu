@@ -73,7 +73,7 @@ template <typename Acc> __device__ __forceinline__ Acc apply_bias(Acc dot, Acc b
 
 constexpr int kThreads = 256;
 constexpr int kTileRows = 64;   // BM: rows of z per block
-constexpr int kTileCodes = 64;  // BN: codewords per tile
+constexpr int kTileCodes = 64;  // BN: codewords per tile (== BM: the stage buffers share one layout)
 constexpr int kTileDim = 16;    // BD: depth of one shared-memory stage
 constexpr int kListRows = kTileRows / (kThreads / kWarp);  // rows per warp in the k > 1 epilogue (8)
 
@@ -87,13 +87,15 @@ __global__ void __launch_bounds__(kThreads)
     nearest_exact_kernel(const T* __restrict__ z, const T* __restrict__ codebook, const Acc* __restrict__ bias,
                          int metric, int64_t n, int num_codes, int64_t dim, int k, const int* __restrict__ only_rows,
                          int64_t* __restrict__ indices) {
-  // Stage buffers (zs, cs) and the k > 1 score tile are never live at once: they share storage.
-  constexpr int kStage = 2 * kTileDim * kTileRows;
-  constexpr int kScores = kMulti ? kTileRows * (kTileCodes + 1) : 0;
+  // Stage buffers (zs, cs) and the k > 1 score tile are never live at once: they share storage. Rows are padded by
+  // one element so that the transposing stores (consecutive threads walk d) hit distinct banks.
+  constexpr int kLd = kTileRows + 1;  // == kTileCodes + 1
+  constexpr int kStage = 2 * kTileDim * kLd;
+  constexpr int kScores = kMulti ? kTileRows * kLd : 0;
   __shared__ Acc smem[kStage > kScores ? kStage : kScores];
-  Acc(*zs)[kTileRows] = reinterpret_cast<Acc(*)[kTileRows]>(smem);                           // (BD, BM)
-  Acc(*cs)[kTileCodes] = reinterpret_cast<Acc(*)[kTileCodes]>(smem + kTileDim * kTileRows);  // (BD, BN)
-  Acc(*scores)[kTileCodes + 1] = reinterpret_cast<Acc(*)[kTileCodes + 1]>(smem);              // (BM, BN + 1)
+  Acc(*zs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                     // (BD, BM + 1)
+  Acc(*cs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem + kTileDim * kLd);    // (BD, BN + 1)
+  Acc(*scores)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                 // (BM, BN + 1)
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, lane = tid % kWarp, warp = tid / kWarp;
   const int64_t row0 = blockIdx.x * static_cast<int64_t>(kTileRows);
