@@ -143,14 +143,31 @@ def _split_codes(sizes: list[int], k: int) -> list[int]:
     return out
 
 
+def _tree_kmeans(xs, k: int, niter: int, seed: int, spherical: bool, max_points_per_centroid: int,
+                 max_flat_codes: int, branching: int):
+    """Flat k-means up to ``max_flat_codes`` centroids; above, ``branching`` coarse clusters, each given its share
+    of the k codes and clustered recursively. (n, D) numpy float32 -> (k, D)."""
+    import numpy as np
+
+    if k <= max_flat_codes:
+        return _flat_kmeans(xs, k, niter, seed, spherical, max_points_per_centroid)
+    coarse = _flat_kmeans(xs, branching, niter, seed, spherical, max_points_per_centroid)  # (branching, D)
+    assign = nearest_codeword(torch.from_numpy(xs), torch.from_numpy(coarse)).indices.numpy()  # (n,)
+    members = [m for m in (np.flatnonzero(assign == g) for g in range(branching)) if len(m)]
+    shares = _split_codes([len(m) for m in members], k)
+    return np.concatenate([_tree_kmeans(xs[m], kg, niter, seed + 1 + g, spherical, max_points_per_centroid,
+                                        max_flat_codes, branching) for g, (m, kg) in enumerate(zip(members, shares))])
+
+
 def faiss_kmeans(x: Tensor, k: int, niter: int = 10, seed: int = 1234, spherical: bool = False,
-                 max_points_per_centroid: int = 256, max_flat_codes: int = 4096) -> Tensor:
+                 max_points_per_centroid: int = 256, max_flat_codes: int = 4096, branching: int = 32) -> Tensor:
     """k-means centroids (k, D) of the rows of x (n >= k, D) with faiss, float32 on x's device.
 
     Up to ``max_flat_codes`` centroids this is plain ``faiss.Kmeans`` (same seed, same centroids). Above it, a flat
-    Lloyd step costs n x k x D per iteration (100,000 codes: hours on two cores), so the rows are first clustered
-    into ~sqrt(k) groups and each group gets its share of the k codes from its own k-means, which is VQGAN-LC's
-    own recipe (per-class k-means, arXiv:2406.11837) with the coarse clusters standing in for the classes.
+    Lloyd step costs n x k x D per iteration (100,000 codes: hours on two cores), so the rows are clustered as a
+    tree: ``branching`` coarse clusters, each getting its share of the k codes from its own (recursive) k-means, for
+    about n x D x (branching x levels + leaf size) per iteration. It mirrors VQGAN-LC's own recipe (k-means per
+    ImageNet class, arXiv:2406.11837), with coarse clusters standing in for the classes.
     """
     n = x.shape[0]
     if n < k:
@@ -160,18 +177,14 @@ def faiss_kmeans(x: Tensor, k: int, niter: int = 10, seed: int = 1234, spherical
         centroids = _flat_kmeans(xs, k, niter, seed, spherical, max_points_per_centroid)
     else:
         import faiss
-        import numpy as np
 
-        groups = max(2, int(math.sqrt(k)))
-        coarse = faiss.Kmeans(xs.shape[1], groups, niter=niter, seed=seed, spherical=spherical, verbose=False,
-                              max_points_per_centroid=max_points_per_centroid)
-        coarse.train(xs)
-        assign = coarse.index.search(xs, 1)[1][:, 0]  # (n,)
-        members = [np.flatnonzero(assign == g) for g in range(groups)]
-        members = [m for m in members if len(m)]
-        parts = [_flat_kmeans(xs[m], kg, niter, seed + g, spherical, max_points_per_centroid)
-                 for g, (m, kg) in enumerate(zip(members, _split_codes([len(m) for m in members], k)))]
-        centroids = np.concatenate(parts, axis=0)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # many small problems: OpenMP start-up and contention would dominate
+        try:
+            centroids = _tree_kmeans(xs, k, niter, seed, spherical, max_points_per_centroid, max_flat_codes,
+                                     max(2, branching))
+        finally:
+            faiss.omp_set_num_threads(threads)
     return torch.from_numpy(centroids).reshape(k, -1).to(x.device)
 
 
@@ -274,26 +287,25 @@ class Codebook(nn.Module):
         need = cfg.min_vectors or self.num_codes
         have = sum(p.shape[0] for p in self._pool)
         if have < need:
-            self._pool.append(z.detach().float()[:need - have].clone())
+            self._pool.append(z.detach().to(self.usage.dtype)[:need - have].clone())
             have = sum(p.shape[0] for p in self._pool)
         total = _all_reduce_(torch.tensor([float(have)], device=z.device))
         if float(total) < need:
             return
         pool = _all_gather_rows(torch.cat(self._pool), need)  # (n_all, D), rank order
         world, rank = _world()
-        centroids = torch.empty(self.num_codes, self.dim, device=z.device)
+        centroids = pool.new_empty(self.num_codes, self.dim)
         if rank == 0:
             centroids = faiss_kmeans(pool, self.num_codes, cfg.niter, cfg.seed, self.metric == "cosine",
-                                     cfg.max_points_per_centroid, cfg.max_flat_codes)
+                                     cfg.max_points_per_centroid, cfg.max_flat_codes).to(pool.dtype)
         if world > 1:
             dist.broadcast(centroids, src=0)
         if self.metric == "cosine":
             centroids = F.normalize(centroids, dim=-1)
         # Counts restart at the pool's cluster sizes rescaled to one batch: usage is "assignments per step".
-        counts = torch.zeros(self.num_codes, device=z.device)
-        counts.index_add_(0, nearest_codeword(pool, centroids, self.metric).indices, torch.ones(pool.shape[0],
-                                                                                               device=z.device))
-        batch = _all_reduce_(torch.tensor([float(z.shape[0])], device=z.device))
+        assigned = nearest_codeword(pool, centroids, self.metric).indices  # (n_all,)
+        counts = torch.zeros_like(self.usage).index_add_(0, assigned, torch.ones_like(assigned, dtype=pool.dtype))
+        batch = _all_reduce_(torch.tensor([float(z.shape[0])], dtype=pool.dtype, device=z.device))
         self.weight.data.copy_(centroids)
         self.usage.copy_(counts * (batch / pool.shape[0]))
         if self.ema is not None:
@@ -307,12 +319,11 @@ class Codebook(nn.Module):
         sums / weights with EMA training), then revival of dead codes. Identical on every rank."""
         if not bool(self.initialized):
             return
-        z = z.detach().float()
-        counts = torch.zeros(self.num_codes, device=z.device).index_add_(0, indices, torch.ones_like(indices,
-                                                                                                  dtype=z.dtype))
+        z = z.detach().to(self.usage.dtype)  # float32, or float64 after .double()
+        counts = torch.zeros_like(self.usage).index_add_(0, indices, torch.ones_like(indices, dtype=z.dtype))
         decay = self.ema.decay if self.ema is not None else self.dead_code.decay if self.dead_code else None
         if self.ema is not None:
-            sums = torch.zeros(self.num_codes, self.dim, device=z.device).index_add_(0, indices, z)  # (K, D)
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, z)  # (K, D)
             stats = _all_reduce_(torch.cat([counts[:, None], sums], dim=1))  # one collective: (K, 1 + D)
             counts, sums = stats[:, 0], stats[:, 1:]
             self.embed_sum.lerp_(sums, 1.0 - decay)

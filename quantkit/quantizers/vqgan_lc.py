@@ -78,12 +78,13 @@ class VQGANLCQuantizer(Quantizer):
 
     @classmethod
     def from_features(cls, features: Tensor, codebook_size: int, dim: int, *, niter: int = 10, seed: int = 0,
-                      max_points_per_centroid: int = 16, max_flat_codes: int = 4096,
+                      max_points_per_centroid: int = 16, max_flat_codes: int = 256,
                       **kwargs) -> "VQGANLCQuantizer":
         """Clusters ``features`` (M >= codebook_size, F) with faiss k-means into the frozen codebook.
 
-        Above ``max_flat_codes`` codes the clustering is two-level (see :func:`quantkit.quantizers.codebook.
-        faiss_kmeans`), which is what makes 100,000 codes take seconds rather than hours on a CPU.
+        Above ``max_flat_codes`` codes the clustering is a tree of small k-means (see
+        :func:`quantkit.quantizers.codebook.faiss_kmeans`), which makes 100,000 codes take seconds, not hours, on a
+        CPU.
         """
         if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
             raise ValueError(f"VQGANLCQuantizer.from_features: features must be a float tensor (M, F), got "
