@@ -261,3 +261,13 @@ def test_check_quantizer_passes_on_a_fresh_instance(name):
     skip = tuple(check for check in testing.CHECKS if _violated(name, check))
     for channel_first in {False, _takes_channel_first(name)}:
         testing.check_quantizer(_make(name, channel_first), make=lambda cf=channel_first: _make(name, cf), skip=skip)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_check_quantizer_passes_on_cuda_with_inductor(name):
+    # The known violations above were measured on the CPU; their checks are left to the CPU tests.
+    skip = tuple(check for check in testing.CHECKS if (name, check) in KNOWN_VIOLATIONS)
+    q = _make(name).cuda()
+    x = testing.example_input(q, batch=4, length=max(16, q.codebook_size), device="cuda")
+    testing.check_quantizer(q, x, make=lambda: _make(name).cuda(), compile=True, skip=skip)
