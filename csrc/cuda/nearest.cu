@@ -71,13 +71,24 @@ template <typename Acc> __device__ __forceinline__ Acc apply_bias(Acc dot, Acc b
 
 // ---- exact kernel --------------------------------------------------------------------------------------------
 
+// Four consecutive shared-memory values (16-byte aligned): one vector load for float32.
+template <typename Acc> __device__ __forceinline__ void load4(const Acc* p, Acc (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = p[i];
+}
+template <> __device__ __forceinline__ void load4<float>(const float* p, float (&v)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+}
+
 constexpr int kThreads = 256;
 constexpr int kTileRows = 64;   // BM: rows of z per block
 constexpr int kTileCodes = 64;  // BN: codewords per tile (== BM: the stage buffers share one layout)
 constexpr int kTileDim = 16;    // BD: depth of one shared-memory stage
 constexpr int kListRows = kTileRows / (kThreads / kWarp);  // rows per warp in the k > 1 epilogue (8)
 
-// Thread (ty, tx) of the 16 x 16 grid owns rows ty + 16 i and codes tx + 16 j of a tile (a 4 x 4 micro-tile).
+// Thread (ty, tx) of the 16 x 16 grid owns rows 4 ty + i and codes 4 tx + j of a tile (a 4 x 4 micro-tile, read
+// from shared memory as one 16-byte vector per operand for float32).
 // k == 1: it keeps the best code of each of its rows over its codes; 16 lanes then reduce. k > 1: the scores of a
 // tile go to shared memory and warp w merges rows w * 8 .. w * 8 + 7 into sorted lists, lane j holding the row's
 // j-th nearest code. only_rows (optional, (n,) int): compute everything but write only the flagged rows (the fast
@@ -88,14 +99,15 @@ __global__ void __launch_bounds__(kThreads)
                          int metric, int64_t n, int num_codes, int64_t dim, int k, const int* __restrict__ only_rows,
                          int64_t* __restrict__ indices) {
   // Stage buffers (zs, cs) and the k > 1 score tile are never live at once: they share storage. Rows are padded by
-  // one element so that the transposing stores (consecutive threads walk d) hit distinct banks.
-  constexpr int kLd = kTileRows + 1;  // == kTileCodes + 1
+  // four elements: the transposing stores (consecutive threads walk d) conflict at most 2-way, and every row start
+  // stays 16-byte aligned for the vector loads.
+  constexpr int kLd = kTileRows + 4;  // == kTileCodes + 4
   constexpr int kStage = 2 * kTileDim * kLd;
   constexpr int kScores = kMulti ? kTileRows * kLd : 0;
-  __shared__ Acc smem[kStage > kScores ? kStage : kScores];
-  Acc(*zs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                     // (BD, BM + 1)
-  Acc(*cs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem + kTileDim * kLd);    // (BD, BN + 1)
-  Acc(*scores)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                 // (BM, BN + 1)
+  __shared__ __align__(16) Acc smem[kStage > kScores ? kStage : kScores];
+  Acc(*zs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                     // (BD, BM + 4)
+  Acc(*cs)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem + kTileDim * kLd);    // (BD, BN + 4)
+  Acc(*scores)[kLd] = reinterpret_cast<Acc(*)[kLd]>(smem);                 // (BM, BN + 4)
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, lane = tid % kWarp, warp = tid / kWarp;
   const int64_t row0 = blockIdx.x * static_cast<int64_t>(kTileRows);
@@ -127,8 +139,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int d = 0; d < kTileDim; ++d) {
         Acc a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = zs[d][ty + 16 * i], b[i] = cs[d][tx + 16 * i];
+        load4(&zs[d][4 * ty], a);
+        load4(&cs[d][4 * tx], b);
         // Explicit fma, in d order: the fast mode's re-rank reproduces these scores bit for bit.
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -140,13 +152,13 @@ __global__ void __launch_bounds__(kThreads)
 
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int code = code0 + tx + 16 * j;
+      const int code = code0 + 4 * tx + j;
       const Acc code_bias = code < num_codes ? bias[code] : Acc(0);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const Acc s = apply_bias(acc[i][j], code_bias, metric);
         if constexpr (kMulti) {
-          scores[ty + 16 * i][tx + 16 * j] = code < num_codes ? s : neg_inf<Acc>();
+          scores[4 * ty + i][4 * tx + j] = code < num_codes ? s : neg_inf<Acc>();
         } else if (code < num_codes && nearer(s, code, best_score[i], best_index[i])) {
           best_score[i] = s, best_index[i] = code;
         }
@@ -204,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
         if (nearer(other_score, other_index, best_score[i], best_index[i]))
           best_score[i] = other_score, best_index[i] = other_index;
       }
-      const int64_t row = row0 + ty + 16 * i;
+      const int64_t row = row0 + 4 * ty + i;
       if (tx == 0 && row < n && (only_rows == nullptr || only_rows[row] != 0)) indices[row] = best_index[i];
     }
   }
