@@ -39,7 +39,7 @@ def test_index_code_map_is_a_bijection_over_the_whole_codebook(bits):
     assert torch.equal(q.decode(idx), codes)
 
 
-@settings(max_examples=30)
+@settings(max_examples=25)
 @given(st.integers(1, 10), st.integers(1, 24), st.integers(1, 30), st.sampled_from([0.05, 0.5, 3.0]),
        st.integers(0, 2 ** 31 - 1))
 def test_codebook_entropy_is_exact_against_brute_force_with_gradients(bits, n, chunk, temperature, seed):

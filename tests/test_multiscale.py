@@ -16,7 +16,7 @@ def _make(patch_nums, num_phi=4, seed=0, dim=4, size=16):
     return MultiScaleResidualQuantizer(dim, size, patch_nums=patch_nums, num_phi=num_phi).eval()
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(patch_st, st.sampled_from([4, None, 0]), st.integers(0, 2 ** 31 - 1))
 def test_each_scale_picks_the_nearest_code_to_its_downsampled_residual(patch_nums, num_phi, seed):
     q = _make(patch_nums, num_phi, seed)
@@ -35,7 +35,7 @@ def test_each_scale_picks_the_nearest_code_to_its_downsampled_residual(patch_num
             rest = rest - q._contribution(k, idx, torch.float64).double()
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(patch_st, st.integers(0, 2 ** 31 - 1))
 def test_eval_round_trip_scales_and_concatenated_indices(patch_nums, seed):
     q = _make(patch_nums, seed=seed)

@@ -33,6 +33,8 @@ def per_sample_entropy(bit_logits: Tensor) -> Tensor:
 
     Exact: the entropy of a product distribution is the sum of its factors' entropies.
     """
+    if bit_logits.dtype in (torch.float16, torch.bfloat16):
+        bit_logits = bit_logits.float()
     p = torch.sigmoid(bit_logits)
     # H_b(sigmoid(l)) = p * softplus(-l) + (1 - p) * softplus(l), stable for any l.
     return (p * _softplus(-bit_logits) + (1 - p) * _softplus(bit_logits)).sum(-1)
@@ -57,9 +59,10 @@ def _accumulate(logits: Tensor, chunk: int) -> Tensor:
     low = logits.shape[1] // 2
     t_low, t_high = _bit_table(low, logits), _bit_table(logits.shape[1] - low, logits)
     total = logits.new_zeros(t_low.shape[0], t_high.shape[0])
-    for start in range(0, logits.shape[0], chunk):
-        rows = logits[start:start + chunk]  # (n, d)
-        total.addmm_(_half_distribution(rows[:, :low], t_low).T, _half_distribution(rows[:, low:], t_high))
+    with torch.autocast(logits.device.type, enabled=False):  # probabilities down to e^-20 need float32 GEMMs
+        for start in range(0, logits.shape[0], chunk):
+            rows = logits[start:start + chunk]  # (n, d)
+            total.addmm_(_half_distribution(rows[:, :low], t_low).T, _half_distribution(rows[:, low:], t_high))
     return total
 
 
@@ -89,12 +92,13 @@ class _CodebookEntropy(torch.autograd.Function):
         # dH/dP = -(log P + 1); P = A^T B / N, so dH/dA_n = G B_n and dH/dB_n = G^T A_n with G = dH/dP / N.
         g = -(log_probs + 1) * (grad / logits.shape[0])  # (2^low, 2^high)
         grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.chunk):
-            rows = logits[start:start + ctx.chunk]
-            a = _half_distribution(rows[:, :low], t_low)  # (n, 2^low)
-            b = _half_distribution(rows[:, low:], t_high)  # (n, 2^high)
-            grad_logits[start:start + ctx.chunk, :low] = _half_backward(rows[:, :low], a, b @ g.T, t_low)
-            grad_logits[start:start + ctx.chunk, low:] = _half_backward(rows[:, low:], b, a @ g, t_high)
+        with torch.autocast(logits.device.type, enabled=False):
+            for start in range(0, logits.shape[0], ctx.chunk):
+                rows = logits[start:start + ctx.chunk]
+                a = _half_distribution(rows[:, :low], t_low)  # (n, 2^low)
+                b = _half_distribution(rows[:, low:], t_high)  # (n, 2^high)
+                grad_logits[start:start + ctx.chunk, :low] = _half_backward(rows[:, :low], a, b @ g.T, t_low)
+                grad_logits[start:start + ctx.chunk, low:] = _half_backward(rows[:, low:], b, a @ g, t_high)
         return grad_logits, None
 
 
@@ -103,6 +107,8 @@ def code_distribution(bit_logits: Tensor, chunk_size: int = _DEFAULT_CHUNK) -> T
 
     Not differentiable (for monitoring and tests); the loss is :func:`codebook_entropy`.
     """
+    if bit_logits.dtype in (torch.float16, torch.bfloat16):
+        bit_logits = bit_logits.float()
     with torch.no_grad():
         total = _accumulate(bit_logits, chunk_size) / bit_logits.shape[0]
     # P[j_low, j_high] holds code j_low + 2^low * j_high: flatten high-major.
@@ -120,4 +126,6 @@ def codebook_entropy(bit_logits: Tensor, chunk_size: int = _DEFAULT_CHUNK) -> Te
                          f"{tuple(bit_logits.shape)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"codebook_entropy: chunk_size must be a positive int, got {chunk_size!r}")
+    if bit_logits.dtype in (torch.float16, torch.bfloat16):
+        bit_logits = bit_logits.float()
     return _CodebookEntropy.apply(bit_logits, chunk_size)

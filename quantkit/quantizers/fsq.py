@@ -34,11 +34,19 @@ def exact_straight_through(z: Tensor, value: Tensor) -> Tensor:
     return value.detach() + (z - z.detach())
 
 
+class _Projection(nn.Linear):
+    """A linear map that computes in its weight's dtype and returns its input's dtype, so a module cast with
+    ``.half()`` / ``.bfloat16()`` still takes the float32 rows the base class hands it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def projections(dim: int, inner_dim: int, bias: bool = True) -> tuple[nn.Module, nn.Module]:
     """(project_in, project_out) between ``dim`` and ``inner_dim``; identities when they are equal."""
     if dim == inner_dim:
         return nn.Identity(), nn.Identity()
-    return nn.Linear(dim, inner_dim, bias=bias), nn.Linear(inner_dim, dim, bias=bias)
+    return _Projection(dim, inner_dim, bias=bias), _Projection(inner_dim, dim, bias=bias)
 
 
 @register_quantizer("fsq", example=dict(dim=3, levels=(5, 4, 3)))
