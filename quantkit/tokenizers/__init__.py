@@ -4,8 +4,9 @@
     ids = tok.encode(tok.from_unit(images01))   # (B, *tok.token_shape) int64
     images = tok.to_unit(tok.decode(ids))
 
-Registered: ``vqvae``, ``vqgan``, ``titok``. Training: :func:`quantkit.tokenizers.train.train_tokenizer`;
-loading a trained checkpoint: :func:`load_tokenizer`.
+Registered: ``vqvae``, ``vqgan``, ``titok``. Training: ``train_tokenizer(TrainConfig(...)) -> TrainResult``
+(checkpoint folder + final metrics); loading a trained checkpoint: ``load_tokenizer(path)``; metrics:
+``evaluate_tokenizer``; published checkpoints: :mod:`.checkpoints`.
 """
 from __future__ import annotations
 
@@ -49,12 +50,11 @@ def create_tokenizer(name: str, config: dict[str, Any] | TokenizerConfig | None 
     return cls(with_overrides(config, kwargs), quantizer, **extra)
 
 
-def load_tokenizer(path, map_location: str = "cpu") -> Tokenizer:
-    """A trained tokenizer from a training run folder or a checkpoint folder (see :mod:`.train`)."""
-    from .train import load_tokenizer as _load
-
-    return _load(path, map_location=map_location)
+# after the registry: train.py builds tokenizers through create_tokenizer
+from .evaluate import evaluate_tokenizer  # noqa: E402
+from .train import TrainConfig, TrainResult, load_tokenizer, train_tokenizer  # noqa: E402
 
 
-__all__ = ["TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "VQGAN", "VQGANConfig", "VQVAE",
-           "VQVAEConfig", "create_tokenizer", "list_tokenizers", "load_tokenizer", "tokenizer_class"]
+__all__ = ["TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "TrainConfig", "TrainResult",
+           "VQGAN", "VQGANConfig", "VQVAE", "VQVAEConfig", "create_tokenizer", "evaluate_tokenizer", "list_tokenizers",
+           "load_tokenizer", "tokenizer_class", "train_tokenizer"]

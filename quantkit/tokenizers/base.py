@@ -156,6 +156,8 @@ class Tokenizer(nn.Module):
         lo, hi = config.pixel_range
         if not lo < hi:
             raise ValueError(f"{type(self).__name__}: pixel_range must be (lo, hi) with lo < hi, got {config.pixel_range}")
+        if quantizer.registry_name and quantizer.registry_name != config.quantizer:
+            config.quantizer = quantizer.registry_name  # an instance was passed: record what it is
         self.config = config
         self.quantizer = quantizer
 

@@ -315,6 +315,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
         raise FileExistsError(f"{str(out_dir)!r} already holds a training run; pass --resume (resume=True) to "
                               f"continue it, or choose another output folder")
     torch.manual_seed(config.seed)
+    builtin_data = dataset is None and config.data in ("digits", "patches")  # these have a test split
     if dataset is None:
         dataset = load_dataset(config.data, "train", config.image_size, seed=config.seed)
     if len(dataset) == 0:
@@ -439,7 +440,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
             bar.close()
     final_metrics = dict(log.last)
     ckpt = resolve_checkpoint(out_dir) if rank == 0 else out_dir
-    if rank == 0 and config.eval_images > 0 and dataset is not None and config.data in ("digits", "patches"):
+    if rank == 0 and config.eval_images > 0 and builtin_data:
         from .evaluate import evaluate_tokenizer
 
         test = load_dataset(config.data, "test", int(first.shape[-1]), seed=config.seed)
