@@ -264,3 +264,68 @@ def test_unknown_generator_and_config_key_are_refused():
         create_generator("nope")
     with pytest.raises(ValueError, match="unknown config keys"):
         create_generator("maskgit", widht=3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training, checkpoints, sampling from a checkpoint (a 2-step tokenizer: only the plumbing is under test)
+
+@pytest.fixture(scope="module")
+def tiny_tokenizers(tmp_path_factory):
+    """Two untrained tiny VQVAE checkpoints (vocab 16 and 9), written with the tokenizer checkpoint writer."""
+    from quantkit.tokenizers import create_tokenizer
+    from quantkit.tokenizers.train import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tok")
+    paths = {}
+    for name, levels in (("a", [4, 4]), ("b", [3, 3])):
+        tok = create_tokenizer("vqvae", hidden=8, res_hidden=4, embed_dim=2, num_res_blocks=1, quantizer="fsq",
+                               quantizer_kwargs={"levels": levels})
+        save_checkpoint(root / name, 0, tok, None, None)
+        paths[name] = str(root / name)
+    return paths
+
+
+def _train_cfg(tok, out, **kw):
+    from quantkit.generators.train import GeneratorTrainConfig
+
+    base = dict(generator="maskgit", tokenizer=tok, out_dir=str(out), steps=4, batch_size=8, log_every=1,
+                checkpoint_every=2, progress=False, model_config={"dim": 16, "depth": 1, "heads": 2})
+    return GeneratorTrainConfig(**{**base, **kw})
+
+
+def test_resumed_training_repeats_the_losses_of_an_uninterrupted_run(tiny_tokenizers, tmp_path):
+    from quantkit.generators.train import train_generator
+
+    full = train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "full"))
+    train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "part", steps=2))
+    resumed = train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "part"), resume=True)
+    assert [s for s, _ in resumed.losses] == [1, 2, 3, 4]
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses], abs=1e-6)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "full"))
+
+
+def test_sample_writes_a_grid_and_ids_and_refuses_bad_requests(tiny_tokenizers, tmp_path):
+    from quantkit.generators.sample import sample
+    from quantkit.generators.train import train_generator
+
+    run = tmp_path / "run"
+    train_generator(_train_cfg(tiny_tokenizers["a"], run, steps=2))
+    result = sample(run, labels=[1, 2], count=3, steps=2, guidance=1.0, seed=5, out_dir=tmp_path / "s")
+    assert result.grid_path.is_file() and result.ids_path.is_file()
+    assert result.images.shape == (6, 1, 16, 16) and result.labels.tolist() == [1, 1, 1, 2, 2, 2]
+    again = sample(run, labels=[1, 2], count=3, steps=2, guidance=1.0, seed=5)
+    assert torch.equal(result.ids, again.ids)
+    with pytest.raises(ValueError, match="unknown class 10"):
+        sample(run, labels=[10])
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        sample(run, labels=[1], steps=0)
+    with pytest.raises(ValueError, match="vocabulary of 9 codes.*trained on 16"):
+        sample(run, labels=[1], tokenizer_path=tiny_tokenizers["b"])
+
+
+def test_var_needs_a_multiscale_tokenizer(tiny_tokenizers, tmp_path):
+    from quantkit.generators.train import train_generator
+
+    with pytest.raises(ValueError, match="multiscale_residual"):
+        train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "v", generator="var", model_config={}))

@@ -1,0 +1,401 @@
+"""Training loop for generators, shared by ``quantkit train-generator`` and Python (:func:`train_generator`).
+
+    result = train_generator(GeneratorTrainConfig(generator="maskgit", tokenizer="runs/tok", steps=1500,
+                                                  out_dir="runs/maskgit"))
+    model, meta = load_generator(result.checkpoint)
+
+The dataset is tokenized *once* with the trained tokenizer and the token IDs are cached in the run folder
+(``tokens.pt``, keyed by a fingerprint of the tokenizer's weights); training then never touches pixels. A run folder
+has the tokenizer run's layout - ``checkpoints/step_XXXXXXX/`` (model.safetensors, config.json, train_state.pt),
+``latest.json``, ``metrics.jsonl`` - and the same guarantees: atomic checkpoints, exact resume (step s's batch and
+RNG are seeded from (seed, s)), Ctrl-C saves, torchrun / DDP with each rank taking a slice of the global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..tokenizers.train import (_atomic_write_text, _lr_at, _setup_distributed, _step_seed, _truncate_metrics,
+                                load_weights, read_metrics)
+from ._base import TokenGenerator
+from ._registry import create_generator, generator_class
+
+FORMAT = "quantkit-generator"
+FORMAT_VERSION = 1
+
+__all__ = ["GeneratorTrainConfig", "GeneratorTrainResult", "check_tokenizer_matches", "generator_for_tokenizer",
+           "load_generator", "read_metrics", "tokenize_dataset", "train_generator"]
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """Everything a generator run depends on (saved in every checkpoint's config.json).
+
+    tokenizer: a trained quantkit tokenizer (run folder or checkpoint folder). model_config: overrides of the
+    generator's config (dim, depth, ...); vocab_size / token_shape / scales come from the tokenizer.
+    """
+
+    generator: str = "maskgit"
+    tokenizer: str = ""
+    model_config: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    out_dir: str = "runs/generator"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GeneratorTrainConfig.{name} must be a positive int, got {value!r}")
+        if not self.tokenizer:
+            raise ValueError("GeneratorTrainConfig.tokenizer: give the run folder of a trained quantkit tokenizer "
+                             "(quantkit train-tokenizer --out DIR)")
+        generator_class(self.generator)  # unknown name -> clear error now, not after tokenizing
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeneratorTrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GeneratorTrainConfig: unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class GeneratorTrainResult:
+    checkpoint: Path  # final checkpoint folder (load it with load_generator)
+    out_dir: Path
+    metrics: dict[str, float]  # last logging window
+    losses: list[tuple[int, float]]  # (step, mean loss) per logging window, whole run
+    seconds: float  # wall time of this call's training loop
+    num_parameters: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer <-> generator
+
+
+def generator_for_tokenizer(name: str, tokenizer, num_classes: int, overrides: dict[str, Any] | None = None
+                            ) -> TokenGenerator:
+    """A generator whose vocabulary and token layout are the tokenizer's."""
+    kwargs = {**(overrides or {}), "vocab_size": tokenizer.vocab_size, "token_shape": tuple(tokenizer.token_shape),
+              "num_classes": num_classes}
+    if name == "var":
+        if not tokenizer.multiscale:
+            raise ValueError("the VAR generator needs a tokenizer with the multi-scale residual quantizer "
+                             "(quantizer 'multiscale_residual'); this one has "
+                             f"{tokenizer.quantizer.registry_name!r}")
+        kwargs["scales"] = tuple(int(h) for h, w in tokenizer.quantizer.sizes)
+        kwargs.pop("token_shape")
+    elif tokenizer.multiscale:
+        raise ValueError(f"a multi-scale (VAR) tokenizer's tokens only suit the 'var' generator, not {name!r}")
+    return create_generator(name, **kwargs)
+
+
+def check_tokenizer_matches(model: TokenGenerator, tokenizer, source: str = "the tokenizer") -> None:
+    """Raises a clear error when the tokenizer's vocabulary or token layout is not the generator's."""
+    if tokenizer.vocab_size != model.vocab_size:
+        raise ValueError(f"{source} has a vocabulary of {tokenizer.vocab_size} codes but the {model.registry_name} "
+                         f"generator was trained on {model.vocab_size}; use the tokenizer the generator was trained "
+                         f"with, or retrain the generator on this one")
+    if tuple(tokenizer.token_shape) != tuple(model.cfg.token_shape):
+        raise ValueError(f"{source} emits tokens of shape {tuple(tokenizer.token_shape)} but the "
+                         f"{model.registry_name} generator models {tuple(model.cfg.token_shape)}")
+
+
+def _fingerprint(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def tokenize_dataset(tokenizer, dataset, batch_size: int = 256, device: str | torch.device = "cpu"
+                     ) -> tuple[Tensor, Tensor]:
+    """Every image of a map-style dataset -> (ids (N, *token_shape) int64, labels (N,) int64), on CPU."""
+    from ..data import stack_batch
+
+    tokenizer = tokenizer.eval().to(device)
+    ids, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        images01, y = stack_batch(dataset, list(range(start, min(start + batch_size, len(dataset)))))
+        ids.append(tokenizer.encode(tokenizer.from_unit(images01.to(device))).cpu())
+        labels.append(torch.as_tensor(y, dtype=torch.long))
+    return torch.cat(ids), torch.cat(labels)
+
+
+def _cached_tokens(out_dir: Path, tokenizer, config: GeneratorTrainConfig, rank: int) -> tuple[Tensor, Tensor]:
+    """Token IDs of the training split, computed once per tokenizer and cached in the run folder."""
+    from ..data import load_dataset
+
+    key = {"tokenizer": _fingerprint(tokenizer), "data": config.data}
+    path = out_dir / "tokens.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached["ids"], cached["labels"]
+    dataset = load_dataset(config.data, "train", tokenizer.image_shape[-1], seed=config.seed)
+    ids, labels = tokenize_dataset(tokenizer, dataset, device=config.device)
+    if rank == 0:
+        tmp = path.with_name(f".tokens.pt.tmp-{os.getpid()}")
+        torch.save({"key": key, "ids": ids, "labels": labels}, tmp)
+        os.replace(tmp, path)
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints (the tokenizer run layout; the helpers above come from quantkit.tokenizers.train)
+
+
+def save_checkpoint(out_dir: Path, step: int, model: TokenGenerator, config: GeneratorTrainConfig,
+                    train_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
+    """Writes checkpoints/step_{step} into a temporary folder, renames it into place, points latest.json at it."""
+    from safetensors.torch import save_file
+
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "generator": model.registry_name,
+            "generator_config": model.config_dict(), "step": step, "tokenizer": config.tokenizer,
+            "metrics": metrics or {}, "train_config": config.to_dict()}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    old = root / f".old-step_{step:07d}-{os.getpid()}"
+    if final.exists():  # re-saving a step (Ctrl-C right after a periodic save)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _atomic_write_text(out_dir / "latest.json", json.dumps({"checkpoint": str(final.relative_to(out_dir)),
+                                                            "step": step}))
+    for p in sorted(p for p in root.iterdir() if p.name.startswith("step_"))[:-config.keep_checkpoints]:
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if (path / "latest.json").is_file():
+        return path / json.loads((path / "latest.json").read_text())["checkpoint"]
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    raise FileNotFoundError(f"{str(path)!r} is neither a generator run folder (with latest.json) nor a generator "
+                            f"checkpoint folder (with config.json and model.safetensors)")
+
+
+def load_generator(path: str | os.PathLike, map_location: str = "cpu") -> tuple[TokenGenerator, dict[str, Any]]:
+    """(generator in eval mode, its checkpoint's config.json) from a run folder or a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(ckpt)!r} is not a quantkit generator checkpoint (config.json format is "
+                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+    model = create_generator(meta["generator"], **meta["generator_config"])
+    load_weights(model, load_file(str(ckpt / "model.safetensors"), device=map_location), str(ckpt))
+    return model.to(map_location).eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+class _LossModule(nn.Module):
+    """What DDP wraps: forward = the generator's training loss."""
+
+    def __init__(self, model: TokenGenerator):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, labels: Tensor) -> Tensor:
+        return self.model.loss(ids, labels)
+
+
+def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool = False,
+                    callback: Callable[[int, float], None] | None = None) -> GeneratorTrainResult:
+    """Trains a generator on the token IDs of ``config.tokenizer``; returns the final checkpoint.
+
+    resume: continue from the run folder's latest checkpoint (without it, a folder that already holds a
+    checkpoint is an error). callback(step, loss) runs on rank 0 after every step.
+    """
+    from ..tokenizers import load_tokenizer
+
+    if isinstance(config, dict):
+        config = GeneratorTrainConfig.from_dict(config)
+    rank, world, device = _setup_distributed(config.device)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
+    out_dir = Path(config.out_dir)
+    has_checkpoint = (out_dir / "latest.json").is_file()
+    if has_checkpoint and not resume:
+        raise FileExistsError(f"{str(out_dir)!r} already holds a training run; pass --resume (resume=True) to "
+                              f"continue it, or choose another output folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(config.tokenizer)
+    ids, labels = _cached_tokens(out_dir, tokenizer, config, rank)
+    torch.manual_seed(config.seed)
+    num_classes = int(labels.max()) + 1
+    model = generator_for_tokenizer(config.generator, tokenizer, num_classes, config.model_config).to(device)
+    del tokenizer
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    start, losses = 0, []
+    if has_checkpoint:
+        from safetensors.torch import load_file
+
+        ckpt = resolve_checkpoint(out_dir)
+        meta = json.loads((ckpt / "config.json").read_text())
+        if meta.get("generator") != config.generator:
+            raise ValueError(f"{str(out_dir)!r} holds a {meta.get('generator')!r} run, not {config.generator!r}")
+        load_weights(model, load_file(str(ckpt / "model.safetensors"), device=str(device)), str(ckpt))
+        state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        _truncate_metrics(out_dir / "metrics.jsonl", start)
+        losses = [(int(m["step"]), float(m["loss"])) for m in read_metrics(out_dir)]
+    loss_module: nn.Module = _LossModule(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        print(f"[quantkit] training {config.generator} on {len(ids)} tokenized {config.data} images: token shape "
+              f"{tuple(ids.shape[1:])}, vocab {model.vocab_size}, {model.num_parameters():,} parameters, "
+              f"{world} process(es)", file=sys.stderr)
+    bar = None
+    if rank == 0 and config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=f"train-{config.generator}", dynamic_ncols=True)
+    ids, labels = ids.to(device), labels.to(device)
+    step, window, last = start, [], {}
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        while step < config.steps:
+            g = torch.Generator().manual_seed(_step_seed(config.seed, step))
+            idx = torch.randint(len(ids), (config.batch_size,), generator=g)[rank::world].to(device)
+            torch.manual_seed(_step_seed(config.seed, step) + 1 + rank)  # masks, label dropout of this step
+            lr = _lr_at(config, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = loss_module(ids[idx], labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            step += 1
+            window.append(float(loss))
+            if step % config.log_every == 0 or step == config.steps:
+                last = {"step": step, "loss": sum(window) / len(window), "lr": lr}
+                losses.append((step, last["loss"]))
+                window = []
+                if rank == 0:
+                    with open(out_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if callback is not None and rank == 0:
+                callback(step, float(loss))
+            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
+                save_checkpoint(out_dir, step, model, config, {"step": step, "optimizer": opt.state_dict()}, last)
+    except KeyboardInterrupt:
+        if rank == 0:
+            path = save_checkpoint(out_dir, step, model, config, {"step": step, "optimizer": opt.state_dict()}, last)
+            print(f"\n[quantkit] interrupted at step {step}; checkpoint saved to {path}; continue with --resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if world > 1:
+        dist.barrier()
+    return GeneratorTrainResult(checkpoint=resolve_checkpoint(out_dir), out_dir=out_dir, metrics=last,
+                                losses=losses, seconds=seconds, num_parameters=model.num_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line: quantkit train-generator
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON file with GeneratorTrainConfig fields (flags below override it)")
+    parser.add_argument("--generator", help="maskgit, var, rq_transformer or pixelcnn (default maskgit)")
+    parser.add_argument("--tokenizer", help="run folder of a trained quantkit tokenizer")
+    parser.add_argument("--model-config", type=json.loads, help='JSON overrides, e.g. \'{"dim": 128, "depth": 4}\'')
+    parser.add_argument("--data", help="dataset to tokenize (default digits)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", dest="out_dir", help="output folder (default runs/generator)")
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> None:
+    d: dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            d = json.load(f)
+    for name in ("generator", "tokenizer", "model_config", "data", "steps", "batch_size", "lr", "seed", "out_dir",
+                 "checkpoint_every", "device"):
+        if getattr(args, name) is not None:
+            d[name] = getattr(args, name)
+    if args.no_progress:
+        d["progress"] = False
+    try:
+        result = train_generator(GeneratorTrainConfig.from_dict(d), resume=args.resume)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"quantkit train-generator: error: {err}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "loss": result.metrics.get("loss"),
+                          "seconds": round(result.seconds, 1)}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
