@@ -212,6 +212,13 @@ def test_residual_vq_accepts_image_fmap(codebook_dim):
     torch.testing.assert_close(rvq.get_output_from_indices(i_img), q_img)
 
 
+def test_image_fmap_with_projection_decodes_like_forward():
+    """The peer's get_output_from_indices raises here (project_out meets channel-first codes)."""
+    vq = compat.VectorQuantize(dim=16, codebook_size=16, codebook_dim=4, accept_image_fmap=True).eval()
+    quantized, indices, _ = vq(torch.randn(2, 16, 4, 5))
+    assert torch.equal(vq.get_output_from_indices(indices), quantized)
+
+
 def test_mask_with_projection_equals_the_truncated_batch():
     """mask + codebook_dim != dim crashes in the peer; here the masked batch trains exactly like the truncated one."""
     vq = compat.VectorQuantize(dim=32, codebook_size=16, codebook_dim=8, rotation_trick=False)

@@ -100,7 +100,8 @@ def keyword_table_markdown(table: dict[str, Option]) -> str:
     """The docs table: peer keyword | peer default | quantkit option (or "not supported: ...")."""
     rows = ["| peer keyword | peer default | quantkit |", "| --- | --- | --- |"]
     for name, opt in table.items():
-        rows.append(f"| `{name}` | `{opt.default!r}` | {opt.quantkit} |")
+        text = f"{opt.quantkit}: {opt.hint}" if opt.quantkit == "not supported" and opt.hint else opt.quantkit
+        rows.append(f"| `{name}` | `{opt.default!r}` | {text} |")
     return "\n".join(rows)
 
 

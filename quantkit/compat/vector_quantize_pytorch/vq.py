@@ -44,8 +44,8 @@ def _in_unit(value, _):
 
 # Peer keyword -> quantkit. Geometry and layout first, then the codebook, then what quantkit does not implement.
 VQ_OPTIONS: dict[str, Option] = {
-    "codebook_dim": Option(None, "`VectorQuantizer(codebook_dim=...)`; the adapter's `project_in`/`project_out` "
-                                 "when `heads * codebook_dim != dim`"),
+    "codebook_dim": Option(None, "`VectorQuantizer(dim=heads * codebook_dim, heads=heads)` behind the adapter's "
+                                 "`project_in`/`project_out` (when `heads * codebook_dim != dim`)"),
     "heads": Option(1, "`VectorQuantizer(heads=...)`; indices gain a trailing heads axis"),
     "separate_codebook_per_head": Option(False, "one `VectorQuantizer` per head"),
     "decay": Option(0.8, "`EMAConfig(decay=...)`", _in_unit, "quantkit's EMAConfig.decay must lie in (0, 1)"),
