@@ -1,0 +1,368 @@
+// Fused nearest-codeword search on the CPU (torch-free): the k codewords of largest score for every row of z,
+// without ever holding the N x K score matrix.
+//
+// Method (faiss's fused small-d kernel, faiss/utils/distances_fused/avx512.cpp, generalized to any D and k):
+// rank codes by a score that is larger for nearer codes and drops the per-row constant |z|^2,
+//     l2: z.c - |c|^2 / 2          cosine: (z.c) / |c|          dot: z.c
+// computed by a register-blocked outer product. The one idea: rows sit in SIMD lanes. A row panel of 2 x L rows
+// (L = 16 floats) is stored transposed, panel[d][row], and J = 8 codewords are broadcast against it, so the 2J
+// accumulators hold the scores of J codes for 2L rows. Each lane then keeps its own row's running best with one
+// compare and two blends per vector, and codes reach every lane in increasing index order, so a strict ">" gives
+// ties to the lowest index with no final lane reduction. The codebook is read in place (fp32/fp64 rows with unit
+// column stride) or converted one tile at a time; only O(K) biases and O(threads x tile) scratch are allocated.
+//
+// Loop nest per task (a task is a range of rows x a range of codes):
+//   for each row chunk (fits L2, packed once):  for each code tile (fits L2):  for each row panel:  for each
+//   block of J codes: J x 2L scores in registers -> running best (k = 1) or per-row sorted top-k (k > 1).
+// The running state lives in the output arrays between tiles. Scores of a (row, code) pair do not depend on the
+// decomposition, so the result is identical for every thread count; with few rows the driver splits K into
+// segments and merges them by (score desc, index asc).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace quantkit::cpu::nearest {
+
+enum Metric : int { kL2 = 0, kCosine = 1, kDot = 2 };
+constexpr int64_t kTileBytes = 192 << 10;   // code tile (read from L2)
+constexpr int64_t kChunkBytes = 192 << 10;  // packed row chunk (read from L2)
+constexpr double kCosineEps = 1e-12;        // matches quantkit.ops._COSINE_EPS
+
+template <class S>
+struct Workspace {
+  Scratch<S> panels, tile, tail, row;
+  Scratch<S> scores;  // J x 2L spill for the top-k epilogue
+};
+
+// One task: rows [r0, r1) against codes [c0, c1). best/best_idx are (r1 - r0, k) row-major running state.
+template <class S>
+struct Task {
+  const Matrix* z;
+  const Matrix* codebook;
+  const S* bias;   // (K,) additive score term: -|c|^2/2 (l2), 0 (dot, cosine)
+  const S* scale;  // (K,) 1/|c| for cosine, else nullptr
+  int k;
+  int64_t r0, r1, c0, c1;
+  S* best;
+  int64_t* best_idx;
+  Workspace<S>* ws;
+  std::atomic<int>* bad;  // bit 1: z holds NaN/inf
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// micro-kernel: acc[j][h] = bias[j] + panel . codes[j] (times scale[j] for cosine) for J codes and the 2L rows
+// of one panel
+
+template <class S, class Isa>
+QK_INLINE void score_block(const S* __restrict__ panel, const S* __restrict__ codes, int64_t ldc,
+                           const S* __restrict__ bias, const S* __restrict__ scale, int64_t D,
+                           typename Vec<S, Isa::VB>::V (&acc)[Isa::J][2]) {
+  using V = typename Vec<S, Isa::VB>::V;
+  constexpr int L = Vec<S, Isa::VB>::L, kJ = Isa::J;
+#pragma GCC unroll 8
+  for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = bias ? V{} + bias[j] : V{};  // bias nullptr: zeros
+  for (int64_t d = 0; d < D; ++d) {
+    const V z0 = vload<V>(panel + d * 2 * L), z1 = vload<V>(panel + d * 2 * L + L);
+#pragma GCC unroll 8
+    for (int j = 0; j < kJ; ++j) {
+      const S c = codes[j * ldc + d];
+      acc[j][0] += z0 * c;
+      acc[j][1] += z1 * c;
+    }
+  }
+  if (scale) {  // cosine: z.c / |c|
+#pragma GCC unroll 8
+    for (int j = 0; j < kJ; ++j) {
+      acc[j][0] *= scale[j];
+      acc[j][1] *= scale[j];
+    }
+  }
+}
+
+// Pack rows [r0, r1) of z, transposed, into panels of 2L rows: panels[p][d][i] = z[r0 + p*2L + i][d] (0-padded).
+template <class S, int R>
+QK_INLINE bool pack_rows(const Matrix& z, int64_t r0, int64_t r1, S* __restrict__ panels, S* __restrict__ row) {
+  const int64_t D = z.cols, npan = (r1 - r0 + R - 1) / R;
+  bool ok = true;
+  std::memset(panels, 0, sizeof(S) * npan * D * R);
+  for (int64_t r = r0; r < r1; ++r) {
+    ok &= load_row<S>(z, r, row);
+    S* dst = panels + ((r - r0) / R) * D * R + (r - r0) % R;
+    for (int64_t d = 0; d < D; ++d) dst[d * R] = row[d];
+  }
+  return ok;
+}
+
+// Converts codes [c0, c1) into a (ceil to J) x D row-major buffer; padding codes get bias -inf (never chosen).
+template <class S, int kJ>
+QK_INLINE void pack_codes(const Task<S>& t, int64_t c0, int64_t c1, S* __restrict__ out, S* __restrict__ bias,
+                          S* __restrict__ scale) {
+  const int64_t D = t.z->cols, padded = (c1 - c0 + kJ - 1) / kJ * kJ;
+  for (int64_t c = c0; c < c0 + padded; ++c) {
+    S* dst = out + (c - c0) * D;
+    if (c < c1) {
+      load_row<S>(*t.codebook, c, dst);  // finiteness was checked when the biases were computed
+      bias[c - c0] = t.bias[c];
+      scale[c - c0] = t.scale ? t.scale[c] : S(1);
+    } else {
+      std::fill(dst, dst + D, S(0));
+      bias[c - c0] = -std::numeric_limits<S>::infinity();
+      scale[c - c0] = S(1);
+    }
+  }
+}
+
+// Inserts (s, j) into the descending list best[0:k] unless it does not beat the k-th; equal scores keep the
+// earlier (lower-index) entry first, because codes arrive in increasing index order.
+template <class S>
+QK_INLINE void topk_insert(S* best, int64_t* idx, int k, S s, int64_t j) {
+  if (!(s > best[k - 1])) return;
+  int pos = k - 1;
+  while (pos > 0 && best[pos - 1] < s) {
+    best[pos] = best[pos - 1];
+    idx[pos] = idx[pos - 1];
+    --pos;
+  }
+  best[pos] = s;
+  idx[pos] = j;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// one task
+
+template <class S, bool TOP1, class Isa>
+QK_INLINE void run_task_impl(const Task<S>& t) {
+  using V = typename Vec<S, Isa::VB>::V;
+  using I = typename Vec<S, Isa::VB>::I;
+  using Lane = std::remove_reference_t<decltype(I{}[0])>;
+  constexpr int L = Vec<S, Isa::VB>::L, R = 2 * L, kJ = Isa::J;
+  const Matrix& cb = *t.codebook;
+  const int64_t D = t.z->cols, k = t.k;
+  const int64_t rows_per_chunk = std::max<int64_t>(R, kChunkBytes / int64_t(sizeof(S) * D) / R * R);
+  const int64_t codes_per_tile = std::max<int64_t>(kJ, kTileBytes / int64_t(sizeof(S) * D) / 8 * 8);
+  const bool direct = cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
+  Workspace<S>& ws = *t.ws;
+  S* panels = ws.panels.get(size_t(rows_per_chunk) * D);
+  S* row = ws.row.get(size_t(D));
+  S* tile = ws.tile.get(size_t(codes_per_tile + kJ) * D + 2 * (codes_per_tile + kJ));
+  S* tile_bias = tile + (codes_per_tile + kJ) * D;
+  S* tile_scale = tile_bias + codes_per_tile + kJ;
+  alignas(64) S spill[kJ][R];
+  alignas(64) S lane_best[R];
+  alignas(64) Lane lane_idx[R];
+
+  for (int64_t q = t.r0; q < t.r1; ++q)
+    for (int64_t i = 0; i < k; ++i) {
+      t.best[(q - t.r0) * k + i] = -std::numeric_limits<S>::infinity();
+      t.best_idx[(q - t.r0) * k + i] = t.c0;
+    }
+
+  for (int64_t rc0 = t.r0; rc0 < t.r1; rc0 += rows_per_chunk) {
+    const int64_t rc1 = std::min(t.r1, rc0 + rows_per_chunk);
+    if (!pack_rows<S, R>(*t.z, rc0, rc1, panels, row)) t.bad->fetch_or(1);
+    for (int64_t t0 = t.c0; t0 < t.c1; t0 += codes_per_tile) {
+      const int64_t t1 = std::min(t.c1, t0 + codes_per_tile);
+      const int64_t full_end = direct ? t0 + (t1 - t0) / kJ * kJ : t0;  // codes read in place up to here
+      if (full_end < t1) pack_codes<S, kJ>(t, full_end, t1, tile, tile_bias, tile_scale);
+      for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
+        const S* panel = panels + ((p0 - rc0) / R) * D * R;
+        const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
+        S* best = t.best + (p0 - t.r0) * k;
+        int64_t* best_idx = t.best_idx + (p0 - t.r0) * k;
+        V b0, b1;
+        I i0, i1;
+        if constexpr (TOP1) {
+          for (int i = 0; i < R; ++i) {
+            lane_best[i] = i < nrows ? best[i] : -std::numeric_limits<S>::infinity();
+            lane_idx[i] = Lane(i < nrows ? best_idx[i] : 0);
+          }
+          b0 = vload<V>(lane_best), b1 = vload<V>(lane_best + L);
+          i0 = vload<I>(lane_idx), i1 = vload<I>(lane_idx + L);
+        }
+        for (int64_t j0 = t0; j0 < t1; j0 += kJ) {
+          V acc[kJ][2];
+          if (j0 < full_end) {
+            const S* scale = t.scale ? t.scale + j0 : nullptr;
+            score_block<S, Isa>(panel, static_cast<const S*>(cb.data) + j0 * cb.row_stride, cb.row_stride,
+                                   t.bias + j0, scale, D, acc);
+          } else {
+            const int64_t off = j0 - full_end;
+            score_block<S, Isa>(panel, tile + off * D, D, tile_bias + off, t.scale ? tile_scale + off : nullptr, D, acc);
+          }
+          if constexpr (TOP1) {
+#pragma GCC unroll 8
+            for (int j = 0; j < kJ; ++j) {
+              const I jv = I{} + Lane(j0 + j);
+              const I m0 = acc[j][0] > b0, m1 = acc[j][1] > b1;
+              b0 = m0 ? acc[j][0] : b0;
+              i0 = m0 ? jv : i0;
+              b1 = m1 ? acc[j][1] : b1;
+              i1 = m1 ? jv : i1;
+            }
+          } else {
+            for (int j = 0; j < kJ; ++j) {
+              vstore(spill[j], acc[j][0]);
+              vstore(spill[j] + L, acc[j][1]);
+            }
+            const int jn = int(std::min<int64_t>(kJ, t1 - j0));
+            for (int i = 0; i < nrows; ++i)
+              for (int j = 0; j < jn; ++j) topk_insert<S>(best + i * k, best_idx + i * k, int(k), spill[j][i], j0 + j);
+          }
+        }
+        if constexpr (TOP1) {
+          vstore(lane_best, b0), vstore(lane_best + L, b1);
+          vstore(lane_idx, i0), vstore(lane_idx + L, i1);
+          for (int i = 0; i < nrows; ++i) {
+            best[i] = lane_best[i];
+            best_idx[i] = lane_idx[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class S, class Isa>
+QK_INLINE void run_task(const Task<S>& t) {
+  t.k == 1 ? run_task_impl<S, true, Isa>(t) : run_task_impl<S, false, Isa>(t);
+}
+
+// The hot loop compiled three times; the driver calls the best one this CPU supports.
+#if QK_X86
+QK_TARGET_AVX512 inline void run_task_avx512(const Task<float>& t) { run_task<float, IsaAvx512>(t); }
+QK_TARGET_AVX512 inline void run_task_avx512(const Task<double>& t) { run_task<double, IsaAvx512>(t); }
+QK_TARGET_AVX2 inline void run_task_avx2(const Task<float>& t) { run_task<float, IsaAvx2>(t); }
+QK_TARGET_AVX2 inline void run_task_avx2(const Task<double>& t) { run_task<double, IsaAvx2>(t); }
+#endif
+inline void run_task_baseline(const Task<float>& t) { run_task<float, IsaBaseline>(t); }
+inline void run_task_baseline(const Task<double>& t) { run_task<double, IsaBaseline>(t); }
+
+// Which instruction set the kernels use: "avx512", "avx2" or "baseline", the best this CPU supports, capped by
+// the environment variable QUANTKIT_CPU_ISA (read on every call, so tests can exercise the portable paths).
+inline const char* isa() {
+  const char* cap = std::getenv("QUANTKIT_CPU_ISA");
+  const std::string want = cap ? cap : "avx512";
+#if QK_X86
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want == "avx512" && has_avx512) return "avx512";
+  if (want != "baseline" && has_avx2) return "avx2";
+#endif
+  return "baseline";
+}
+
+template <class S>
+inline void dispatch_task(const Task<S>& t) {
+  const char* which = isa();
+#if QK_X86
+  if (which[0] == 'a' && which[3] == '5') return run_task_avx512(t);
+  if (which[0] == 'a') return run_task_avx2(t);
+#endif
+  (void)which;
+  run_task_baseline(t);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// driver
+
+// Direct distance between row z and codeword c (double accumulation): what the op returns.
+inline double direct_distance(const double* z, const double* c, int64_t D, int metric) {
+  double acc = 0, zz = 0, cc = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (metric == kL2) {
+      const double diff = z[d] - c[d];
+      acc += diff * diff;
+    } else {
+      acc += z[d] * c[d];
+      zz += z[d] * z[d];
+      cc += c[d] * c[d];
+    }
+  }
+  if (metric == kL2) return acc;
+  if (metric == kDot) return -acc;
+  return 1.0 - acc / (std::max(std::sqrt(zz), kCosineEps) * std::max(std::sqrt(cc), kCosineEps));
+}
+
+// Error codes returned by nearest_codeword.
+enum Status : int { kOk = 0, kZNotFinite = 1, kCodebookNotFinite = 2 };
+
+// indices/distances: (N, k) row-major outputs. parallel_for(begin, end, grain, fn(begin, end)) runs fn over
+// [begin, end) in contiguous chunks, one per thread; threads is how many it uses.
+template <class S, class ParallelFor>
+int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads,
+                     int64_t* indices, S* distances, ParallelFor&& parallel_for) {
+  const int64_t N = z.rows, K = codebook.rows, D = z.cols;
+  constexpr int64_t R = 32;  // rows per panel, as a unit of work split (a multiple of every ISA's 2L)
+  threads = std::max<int64_t>(1, threads);
+
+  // O(K) per-code terms (and the codebook's finiteness check), computed once and shared by all threads.
+  std::vector<double> sq;
+  if (!codeword_sq_norms<S>(codebook, sq, parallel_for)) return kCodebookNotFinite;
+  std::vector<S> bias(size_t(K), S(0)), scale(metric == kCosine ? size_t(K) : 0);
+  for (int64_t c = 0; c < K; ++c) {
+    if (metric == kL2) bias[c] = S(std::max(-0.5 * sq[c], -double(std::numeric_limits<S>::max())));
+    if (metric == kCosine) scale[c] = S(1.0 / std::max(std::sqrt(sq[c]), kCosineEps));
+  }
+  std::atomic<int> bad{0};
+  if (N == 0) return kOk;
+
+  // Rows split into one contiguous chunk per thread; with fewer panels than threads, K is split into segments.
+  const int64_t panels = (N + R - 1) / R;
+  const int64_t chunks = std::min(panels, threads);
+  int64_t segments = panels >= threads ? 1 : (threads + panels - 1) / panels;
+  segments = std::max<int64_t>(1, std::min(segments, K / std::max<int64_t>(512, k)));  // each holds >= k codes
+  const int64_t rows_per_chunk = (panels + chunks - 1) / chunks * R;
+  const int64_t codes_per_segment = (K + segments - 1) / segments;
+  std::vector<S> seg_best(segments > 1 ? size_t(segments * N * k) : 0);
+  std::vector<int64_t> seg_idx(seg_best.size());
+
+  parallel_for(0, chunks * segments, 1, [&](int64_t b, int64_t e) {
+    Workspace<S> ws;
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t chunk = task / segments, seg = task % segments;
+      Task<S> t{&z, &codebook, bias.data(), metric == kCosine ? scale.data() : nullptr, k, 0, 0, 0, 0,
+                nullptr, nullptr, &ws, &bad};
+      t.r0 = std::min(N, chunk * rows_per_chunk), t.r1 = std::min(N, t.r0 + rows_per_chunk);
+      t.c0 = std::min(K, seg * codes_per_segment), t.c1 = std::min(K, t.c0 + codes_per_segment);
+      if (t.r0 >= t.r1 || t.c0 >= t.c1) continue;
+      if (segments == 1) {
+        t.best = distances + t.r0 * k, t.best_idx = indices + t.r0 * k;
+      } else {
+        t.best = seg_best.data() + (seg * N + t.r0) * k, t.best_idx = seg_idx.data() + (seg * N + t.r0) * k;
+      }
+      dispatch_task<S>(t);
+    }
+  });
+  if (bad.load() & 1) return kZNotFinite;
+
+  // Merge segments in index order (ties stay with the lower index), then recompute the distances directly.
+  parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    std::vector<double> zrow(static_cast<size_t>(D)), crow(static_cast<size_t>(D));
+    for (int64_t r = b; r < e; ++r) {
+      S* best = distances + r * k;
+      int64_t* idx = indices + r * k;
+      if (segments > 1) {
+        std::fill(best, best + k, -std::numeric_limits<S>::infinity());
+        for (int64_t seg = 0; seg < segments; ++seg)
+          for (int64_t i = 0; i < k; ++i) {
+            const int64_t at = (seg * N + r) * k + i;
+            topk_insert<S>(best, idx, int(k), seg_best[at], seg_idx[at]);
+          }
+      }
+      load_row<double>(z, r, zrow.data());
+      for (int64_t i = 0; i < k; ++i) {
+        load_row<double>(codebook, idx[i], crow.data());
+        best[i] = S(direct_distance(zrow.data(), crow.data(), D, metric));
+      }
+    }
+  });
+  return kOk;
+}
+
+}  // namespace quantkit::cpu::nearest
