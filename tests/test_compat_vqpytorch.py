@@ -1,4 +1,4 @@
-"""quantkit.compat.vector_quantize_pytorch against the peer itself (a test dependency) and against the peer bugs it fixes.
+"""quantkit.compat.vector_quantize_pytorch against the peer (a test dependency) and against the peer bugs it fixes.
 
 - side by side: with the peer's weights copied in (``load_peer_state_dict``), adapter and peer return the same
   indices and outputs in eval for VectorQuantize, ResidualVQ, FSQ and LFQ (and the grouped / residual variants);
@@ -134,7 +134,19 @@ def test_lfq_matches_peer_in_eval(options, shape):
 def test_residual_lfq_matches_peer_in_eval():
     p, a = _pair("ResidualLFQ", dim=32, codebook_size=256, num_quantizers=3)
     x = torch.randn(2, 50, 32)
-    _assert_same(p(x), a(x))
+    _assert_same(p(x, return_all_codes=True), a(x, return_all_codes=True))
+
+
+def test_residual_fsq_has_the_peers_shapes_and_decodes_exactly():
+    """ResidualFSQ is API-compatible (its levels are quantkit's FSQ, not the peer's symmetric grid): same shapes and
+    dtypes as the peer, including channel-first indices (B, Q, *spatial), and an exact eval round trip. (The peer's
+    return_all_codes raises with is_channel_first; the adapter's returns (Q, B, *spatial, len(levels)).)"""
+    x = torch.randn(2, 16, 5, 6)
+    p, a = _pair("ResidualFSQ", levels=[8, 5, 5, 3], num_quantizers=4, dim=16, is_channel_first=True)
+    (q_p, i_p), (q_a, i_a, codes_a) = p(x), a(x, return_all_codes=True)
+    assert (q_a.shape, i_a.shape, i_a.dtype) == (q_p.shape, i_p.shape, i_p.dtype)
+    assert torch.equal(a.get_output_from_indices(i_a), q_a)
+    torch.testing.assert_close(a.project_out(codes_a.sum(0)).movedim(-1, 1), q_a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,10 +294,11 @@ def test_loss_breakdowns_and_optional_indices():
     assert indices is None
 
 
-def test_cross_entropy_of_given_indices_is_lowest_for_the_nearest():
-    vq = compat.VectorQuantize(dim=8, codebook_size=16).eval()
-    x = torch.randn(2, 10, 8)
-    _, indices, _ = vq(x)
-    _, ce_nearest = vq(x, indices=indices)
-    _, ce_shifted = vq(x, indices=(indices + 1) % 16)
-    assert ce_nearest < ce_shifted
+@pytest.mark.parametrize("options", [dict(), dict(heads=2, codebook_dim=8),
+                                     dict(heads=2, codebook_dim=8, separate_codebook_per_head=True),
+                                     dict(use_cosine_sim=True)], ids=lambda o: ",".join(o) or "default")
+def test_cross_entropy_of_given_indices_matches_peer(options):
+    p, a = _pair("VectorQuantize", dim=16, codebook_size=32, **options)
+    x = torch.randn(2, 10, 16)
+    indices = torch.randint(0, 32, (2, 10, 2) if "heads" in options else (2, 10))
+    torch.testing.assert_close(a(x, indices=indices)[1], p(x, indices=indices)[1], atol=1e-5, rtol=1e-5)

@@ -175,7 +175,8 @@ class ResidualFSQ(nn.Module):
         indices = self._levels_last(indices)
         scale = self.rq.layer_scale
         codes = [decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]) * scale ** d
-                 if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim)
+                 if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim,
+                                                           device=indices.device)
                  for d in range(self.num_quantizers)]
         return torch.stack(codes)
 

@@ -204,7 +204,8 @@ class ResidualLFQ(nn.Module):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Per-level scaled codes (Q, ..., bits) in the peer's bit order; -1 gives zeros."""
         codes = [decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]) * 0.5 ** d
-                 if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim)
+                 if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim,
+                                                           device=indices.device)
                  for d in range(self.num_quantizers)]
         return torch.stack(codes).flip(-1)
 
