@@ -126,12 +126,12 @@ def test_nearest_float64_matches_the_reference_index_for_index(k, metric, exact_
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_nearest_ties_go_to_the_lowest_index_on_every_run(metric, k, exact_mode):
+@pytest.mark.parametrize("copies", [4, 50])  # 50 copies, K = 2000, 20 rows: k == 1 splits the codebook over blocks
+def test_nearest_ties_go_to_the_lowest_index_on_every_run(metric, k, copies, exact_mode):
     _needs_kernel("nearest_codeword")
     gen = torch.Generator().manual_seed(3)
     base = 10 * torch.randn(40, 6, generator=gen)  # well separated: no near-ties inside base
-    copies = 4
-    codebook = base.repeat(copies, 1).cuda()  # code i, i + 40, i + 80, i + 120 are identical
+    codebook = base.repeat(copies, 1).cuda()  # code i, i + 40, i + 80, ... are identical
     z = torch.cat([base[:10] + 0.1 * torch.randn(10, 6, generator=gen), base[10:20]]).cuda()  # incl. z == c
     want = ops.nearest_codeword_reference(z.double().cpu(), base.double(), ops.METRICS[metric], 1)[0][:, 0]
     first = ops.nearest_codeword(z, codebook, metric, k=k)

@@ -71,6 +71,21 @@ template <typename Acc> __device__ __forceinline__ Acc apply_bias(Acc dot, Acc b
 
 // ---- exact kernel --------------------------------------------------------------------------------------------
 
+// (score, index) as one 64-bit key whose unsigned minimum is the nearer() winner: the high word maps larger
+// scores to smaller integers (the usual order-preserving float-to-uint map, complemented), the low word is the
+// index. -0 is folded into +0 first, since nearer() treats them as equal.
+__device__ __forceinline__ unsigned long long pack_key(float score, int index) {
+  const unsigned bits = __float_as_uint(score == 0.0f ? 0.0f : score);
+  const unsigned ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending with the score
+  return (static_cast<unsigned long long>(~ordered) << 32) | static_cast<unsigned>(index);
+}
+
+__global__ void unpack_keys_kernel(const unsigned long long* __restrict__ keys, int64_t n,
+                                   int64_t* __restrict__ indices) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row < n) indices[row] = static_cast<int64_t>(keys[row] & 0xffffffffull);
+}
+
 // Four consecutive shared-memory values (16-byte aligned): one vector load for float32.
 template <typename Acc> __device__ __forceinline__ void load4(const Acc* p, Acc (&v)[4]) {
 #pragma unroll
@@ -93,11 +108,14 @@ constexpr int kListRows = kTileRows / (kThreads / kWarp);  // rows per warp in t
 // tile go to shared memory and warp w merges rows w * 8 .. w * 8 + 7 into sorted lists, lane j holding the row's
 // j-th nearest code. only_rows (optional, (n,) int): compute everything but write only the flagged rows (the fast
 // mode's fallback); blocks without a flagged row exit at once.
+// Split codebook (k == 1, float32 scores, few row blocks): blockIdx.y scans codes [y * split_len, (y + 1) * split_len)
+// and merges its per-row best into split_keys[row] with a 64-bit atomicMin of pack_key(score, index), which is
+// order-independent, so the result does not depend on which block finishes first.
 template <typename T, typename Acc, bool kMulti>
 __global__ void __launch_bounds__(kThreads)
     nearest_exact_kernel(const T* __restrict__ z, const T* __restrict__ codebook, const Acc* __restrict__ bias,
                          int metric, int64_t n, int num_codes, int64_t dim, int k, const int* __restrict__ only_rows,
-                         int64_t* __restrict__ indices) {
+                         int split_len, unsigned long long* __restrict__ split_keys, int64_t* __restrict__ indices) {
   // Stage buffers (zs, cs) and the k > 1 score tile are never live at once: they share storage. Rows are padded by
   // four elements: the transposing stores (consecutive threads walk d) conflict at most 2-way, and every row start
   // stays 16-byte aligned for the vector loads.
@@ -125,7 +143,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kListRows; ++r) list_score[r] = neg_inf<Acc>(), list_index[r] = INT_MAX;
 
-  for (int code0 = 0; code0 < num_codes; code0 += kTileCodes) {
+  const int code_begin = blockIdx.y * split_len;
+  const int code_end = split_len < num_codes - code_begin ? code_begin + split_len : num_codes;
+  for (int code0 = code_begin; code0 < code_end; code0 += kTileCodes) {  // split_len is a multiple of the tile
     Acc acc[4][4] = {};
     for (int64_t d0 = 0; d0 < dim; d0 += kTileDim) {
 #pragma unroll
@@ -217,7 +237,14 @@ __global__ void __launch_bounds__(kThreads)
           best_score[i] = other_score, best_index[i] = other_index;
       }
       const int64_t row = row0 + 4 * ty + i;
-      if (tx == 0 && row < n && (only_rows == nullptr || only_rows[row] != 0)) indices[row] = best_index[i];
+      if (tx != 0 || row >= n || (only_rows != nullptr && only_rows[row] == 0)) continue;
+      if constexpr (std::is_same<Acc, float>::value) {
+        if (split_keys != nullptr) {
+          atomicMin(split_keys + row, pack_key(best_score[i], best_index[i]));
+          continue;
+        }
+      }
+      indices[row] = best_index[i];
     }
   }
 }
@@ -385,15 +412,28 @@ __global__ void distances_kernel(const T* __restrict__ z, const T* __restrict__ 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
+// [bias (K,) | max_norm (1) | fallback flags (N,) int or split keys (N,) u64]
 struct NearestWorkspace {
-  size_t bias_bytes, max_norm_offset, fallback_offset, total;
-  NearestWorkspace(DType dtype, int64_t n, int64_t num_codes, bool fast) {
+  size_t bias_bytes, max_norm_offset, rows_offset, total;
+  NearestWorkspace(DType dtype, int64_t n, int64_t num_codes) {
     bias_bytes = align_up(static_cast<size_t>(num_codes) * (dtype == DType::kFloat64 ? 8 : 4));
     max_norm_offset = bias_bytes;
-    fallback_offset = max_norm_offset + kAlign;
-    total = fast ? fallback_offset + align_up(static_cast<size_t>(n) * sizeof(int)) : bias_bytes;
+    rows_offset = max_norm_offset + kAlign;
+    total = rows_offset + align_up(static_cast<size_t>(n) * sizeof(unsigned long long));
   }
 };
+
+// How many codebook segments a k == 1 float32 search splits into: enough blocks for two waves of 256-thread
+// blocks over the SMs when the rows alone give fewer, and at least 4 code tiles per segment.
+int codebook_splits(int64_t row_blocks, int64_t num_codes) {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  const int64_t want = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
+  const int64_t most = num_codes / (4 * kTileCodes);
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+}
 
 bool device_has_bf16_mma() {
   int device = 0, major = 0;
@@ -421,8 +461,8 @@ cudaError_t read_flag(const int* flag, int* host, cudaStream_t stream) {
   return err != cudaSuccess ? err : cudaStreamSynchronize(stream);
 }
 
-size_t nearest_codeword_workspace_bytes(DType dtype, int64_t n, int64_t num_codes, bool fast) {
-  return NearestWorkspace(dtype, n, num_codes, fast).total;
+size_t nearest_codeword_workspace_bytes(DType dtype, int64_t n, int64_t num_codes, bool /*fast*/) {
+  return NearestWorkspace(dtype, n, num_codes).total;
 }
 
 cudaError_t nearest_codeword(DType dtype, const void* z, const void* codebook, int64_t n, int64_t num_codes,
@@ -430,7 +470,7 @@ cudaError_t nearest_codeword(DType dtype, const void* z, const void* codebook, i
                              void* distances, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (k < 1 || k > kMaxK || k > num_codes || num_codes > INT_MAX) return cudaErrorInvalidValue;
-  const NearestWorkspace layout(dtype, n, num_codes, fast);
+  const NearestWorkspace layout(dtype, n, num_codes);
   char* ws = static_cast<char*>(workspace);
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -442,10 +482,10 @@ cudaError_t nearest_codeword(DType dtype, const void* z, const void* codebook, i
     const unsigned blocks = ceil_div(n, kTileRows);
     const bool use_fast = fast && k == 1 && !std::is_same<T, double>::value && device_has_bf16_mma();
     int* max_norm_bits = use_fast ? reinterpret_cast<int*>(ws + layout.max_norm_offset) : nullptr;
-    int* fallback = use_fast ? reinterpret_cast<int*>(ws + layout.fallback_offset) : nullptr;
+    int* fallback = use_fast ? reinterpret_cast<int*>(ws + layout.rows_offset) : nullptr;
     cudaError_t err = cudaSuccess;
     if (use_fast) {
-      err = cudaMemsetAsync(ws + layout.max_norm_offset, 0, layout.total - layout.max_norm_offset, stream);
+      err = cudaMemsetAsync(ws + layout.max_norm_offset, 0, layout.total - layout.max_norm_offset, stream);  // + flags
       if (err != cudaSuccess) return err;
     }
     code_terms_kernel<T, Acc><<<ceil_div(num_codes, 8), 256, 0, stream>>>(cp, num_codes, dim, metric, bias,
@@ -456,13 +496,23 @@ cudaError_t nearest_codeword(DType dtype, const void* z, const void* codebook, i
             zp, cp, reinterpret_cast<const float*>(bias), max_norm_bits, metric, n, codes, dim, fallback, indices);
       }
       nearest_exact_kernel<T, Acc, false><<<blocks, kThreads, 0, stream>>>(zp, cp, bias, metric, n, codes, dim, 1,
-                                                                            fallback, indices);
+                                                                            fallback, codes, nullptr, indices);
     } else if (k == 1) {
-      nearest_exact_kernel<T, Acc, false><<<blocks, kThreads, 0, stream>>>(zp, cp, bias, metric, n, codes, dim, 1,
-                                                                            nullptr, indices);
+      const int splits = std::is_same<Acc, float>::value ? codebook_splits(blocks, num_codes) : 1;
+      const int tiles = static_cast<int>(ceil_div(num_codes, kTileCodes));
+      const int split_len = static_cast<int>(ceil_div(tiles, splits)) * kTileCodes;
+      const int used_splits = static_cast<int>(ceil_div(num_codes, split_len));
+      unsigned long long* keys = nullptr;
+      if (used_splits > 1) {
+        keys = reinterpret_cast<unsigned long long*>(ws + layout.rows_offset);
+        if ((err = cudaMemsetAsync(keys, 0xff, n * sizeof(unsigned long long), stream)) != cudaSuccess) return err;
+      }
+      nearest_exact_kernel<T, Acc, false><<<dim3(blocks, used_splits), kThreads, 0, stream>>>(
+          zp, cp, bias, metric, n, codes, dim, 1, nullptr, split_len, keys, indices);
+      if (keys != nullptr) unpack_keys_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(keys, n, indices);
     } else {
       nearest_exact_kernel<T, Acc, true><<<blocks, kThreads, 0, stream>>>(zp, cp, bias, metric, n, codes, dim, k,
-                                                                           nullptr, indices);
+                                                                           nullptr, codes, nullptr, indices);
     }
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     distances_kernel<T, Acc><<<ceil_div(n * k, 8), 256, 0, stream>>>(zp, cp, indices, n, k, dim, metric,
