@@ -174,6 +174,7 @@ def test_titok_two_stage_with_proxy_codes_from_a_trained_vqgan(tmp_path):
     assert tok.decode(tok.encode(x)).shape == x.shape
 
 
+@pytest.mark.slow  # three Python processes start; run once per CI pass, not in the reference-kernel rerun
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_train.py"
     # every rank saves the weights it trained, so the two can be compared

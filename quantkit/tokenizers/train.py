@@ -316,6 +316,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
                               f"continue it, or choose another output folder")
     torch.manual_seed(config.seed)
     builtin_data = dataset is None and config.data in ("digits", "patches")  # these have a test split
+    data_name = config.data if dataset is None else f"a {type(dataset).__name__} of {len(dataset)} images"
     if dataset is None:
         dataset = load_dataset(config.data, "train", config.image_size, seed=config.seed)
     if len(dataset) == 0:
@@ -367,7 +368,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
     log = _Logger(out_dir, tokenizer.vocab_size, rank == 0)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[quantkit] training {config.model} + {config.quantizer} on {config.data}: token shape "
+        print(f"[quantkit] training {config.model} + {config.quantizer} on {data_name}: token shape "
               f"{tokenizer.token_shape}, vocab {tokenizer.vocab_size}, {sum(p.numel() for p in params):,} trainable "
               f"parameters, {world} process(es); {gan.describe()}", file=sys.stderr)
     bar = None
@@ -478,7 +479,8 @@ class _Logger:
         with torch.no_grad():
             p = float(psnr(tokenizer.to_unit(out.reconstruction.clamp(*tokenizer.pixel_range)),
                            tokenizer.to_unit(images)))
-        values = {"loss": float(loss), "psnr": p, **{k: float(v) for k, v in terms.items()}}
+        values = {"loss": float(loss.detach()), "psnr": p,
+                  **{k: float(v.detach() if isinstance(v, Tensor) else v) for k, v in terms.items()}}
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n += 1
