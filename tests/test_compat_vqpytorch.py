@@ -121,7 +121,8 @@ def test_fsq_matches_peer_in_eval(options, shape):
     (dict(codebook_size=256, dim=32), (2, 50, 32)),
     (dict(codebook_size=16, dim=32, num_codebooks=4), (2, 50, 32)),
     (dict(codebook_size=1024, dim=10), (2, 10, 5, 6)),  # channel-first image
-], ids=["default", "projection", "codebooks", "image"])
+    (dict(codebook_size=1024, dim=10, channel_first=True), (2, 10, 50)),  # channel-first sequence
+], ids=["default", "projection", "codebooks", "image", "channel_first"])
 def test_lfq_matches_peer_in_eval(options, shape):
     p, a = _pair("LFQ", **options)
     x = torch.randn(*shape)
