@@ -144,15 +144,28 @@ def test_cli_train_then_eval_on_an_image_folder(tmp_path, capsys):
         cli_main(["train-tokenizer", "--data", str(empty), "--out", str(tmp_path / "x"), "--no-progress"])
 
 
-def test_vqgan_with_discriminator_trains_and_logs_gan_terms(tmp_path):
-    config = _config(tmp_path, model="vqgan", model_config=TINY_VQGAN, steps=3,
-                     gan={"enabled": True, "disc_start": 1, "ndf": 8, "n_layers": 1})
+def test_vqgan_with_discriminator_and_perceptual_loss_resumes_exactly(tmp_path):
+    features = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
+    features.save(str(tmp_path / "features.pt"))
+    gan = {"enabled": True, "disc_start": 1, "ndf": 8, "n_layers": 1,
+           "perceptual_weights": str(tmp_path / "features.pt")}
+    config = _config(tmp_path, "full", model="vqgan", model_config=TINY_VQGAN, steps=4, gan=gan)
     result = train_tokenizer(config, dataset=_data())
     logged = read_metrics(result.out_dir)
-    assert "gan" not in logged[0] and {"gan", "disc"} <= set(logged[-1])  # off before disc_start
+    assert "gan" not in logged[0] and {"gan", "disc", "perceptual"} <= set(logged[-1])  # GAN off before disc_start
     state = torch.load(result.checkpoint / "train_state.pt", weights_only=True)
-    assert state["disc"] is not None and "discriminator" not in json.dumps(list(_weights(result.checkpoint)))
-    assert "perceptual loss: off" in config.gan.describe()
+    assert state["disc"] is not None and not any("disc" in k for k in _weights(result.checkpoint))
+
+    def interrupt(step, metrics):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    split = _config(tmp_path, "split", model="vqgan", model_config=TINY_VQGAN, steps=4, gan=gan)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(split, dataset=_data(), callback=interrupt)
+    train_tokenizer(split, dataset=_data(), resume=True)
+    assert [m["loss"] for m in read_metrics(tmp_path / "split")] == [m["loss"] for m in logged]
+    assert "perceptual loss: off (no local weights given)" in _config(tmp_path, gan={"enabled": True}).gan.describe()
 
 
 def test_titok_two_stage_with_proxy_codes_from_a_trained_vqgan(tmp_path):

@@ -77,7 +77,8 @@ class PerceptualLoss(nn.Module):
         except Exception as err:
             raise ValueError(f"perceptual loss weights {path!r} are not a TorchScript module ({err}); save one "
                              f"with torch.jit.script(net).save(path)") from err
-        self.net.requires_grad_(False)
+        for p in self.net.parameters():  # ScriptModules have no requires_grad_()
+            p.requires_grad_(False)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if x.shape[1] == 1:  # grey images: feature networks expect RGB
