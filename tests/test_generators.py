@@ -329,3 +329,43 @@ def test_var_needs_a_multiscale_tokenizer(tiny_tokenizers, tmp_path):
 
     with pytest.raises(ValueError, match="multiscale_residual"):
         train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "v", generator="var", model_config={}))
+
+
+def test_ddp_two_cpu_processes_end_with_identical_generator_weights(tiny_tokenizers, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "ddp_gen.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, torch, torch.distributed as dist
+        import quantkit.generators.train as T
+        cfg = T.GeneratorTrainConfig(**json.loads(sys.argv[1]))
+        real, built = T.generator_for_tokenizer, {}
+        def build(*a, **k):
+            built["model"] = real(*a, **k)
+            return built["model"]
+        T.generator_for_tokenizer = build
+        T.train_generator(cfg)
+        torch.save({"world": dist.get_world_size(), "state": built["model"].state_dict()},
+                   f"{cfg.out_dir}/rank{dist.get_rank()}.pt")
+        dist.destroy_process_group()
+    """))
+    out = tmp_path / "ddp"
+    cfg = _train_cfg(tiny_tokenizers["a"], out, steps=3).to_dict()
+    import quantkit
+
+    root = str(Path(quantkit.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(30500 + os.getpid() % 1000), str(script), json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt", weights_only=True), torch.load(out / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert json.loads((out / "latest.json").read_text())["step"] == 3

@@ -30,7 +30,7 @@ class SampleResult:
 
 
 def sample(generator_path: str | os.PathLike, labels, count: int = 8, steps: int | None = None,
-           guidance: float | None = None, temperature: float = 1.0, top_k: int | None = None,
+           guidance: float | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, out_dir: str | os.PathLike | None = None,
            tokenizer_path: str | os.PathLike | None = None, device: str = "cpu") -> SampleResult:
     from ..tokenizers import load_tokenizer
@@ -44,9 +44,12 @@ def sample(generator_path: str | os.PathLike, labels, count: int = 8, steps: int
     check_tokenizer_matches(model, tokenizer, f"tokenizer {str(tok_path)!r}")
     base = model.check_labels(labels)  # unknown class -> clear error before any work
     all_labels = base.repeat_interleave(count)
-    default_guidance = meta.get("sampling", {}).get("guidance", 0.0)
-    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                         guidance=default_guidance if guidance is None else guidance)
+    defaults = (meta.get("train_config") or {}).get("sampling", {})  # the settings the run was evaluated with
+    steps = defaults.get("steps") if steps is None else steps
+    cfg = SamplingConfig(temperature=temperature if temperature is not None else defaults.get("temperature", 1.0),
+                         top_k=top_k if top_k is not None else defaults.get("top_k"),
+                         top_p=top_p if top_p is not None else defaults.get("top_p"),
+                         guidance=guidance if guidance is not None else defaults.get("guidance", 0.0))
     with torch.no_grad():
         ids = model.generate(all_labels, steps=steps, sampling=cfg, generator=make_generator(seed, device))
         images = tokenizer.to_unit(tokenizer.decode(ids)).clamp(0, 1).cpu()
@@ -58,7 +61,7 @@ def sample(generator_path: str | os.PathLike, labels, count: int = 8, steps: int
         grid_path = save_image_grid(rows, out / "samples.png")
         ids_path = out / "tokens.pt"
         torch.save({"ids": ids.cpu(), "labels": all_labels.cpu(), "seed": seed, "steps": steps,
-                    "guidance": cfg.guidance, "temperature": temperature, "generator": str(generator_path)}, ids_path)
+                    "guidance": cfg.guidance, "temperature": cfg.temperature, "generator": str(generator_path)}, ids_path)
     return SampleResult(images=images, ids=ids.cpu(), labels=all_labels.cpu(), grid_path=grid_path,
                         ids_path=ids_path)
 
@@ -74,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="run folder or checkpoint of a trained generator")
     parser.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated classes (one grid row each)")
     parser.add_argument("--count", type=int, default=8, help="samples per label")
-    parser.add_argument("--steps", type=int, help="decoding steps (MaskGIT; others take their fixed number)")
+    parser.add_argument("--steps", type=int, help="decoding steps (MaskGIT; others take their fixed number); "
+                                                   "unset flags use the run's recorded sampling settings")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (0 = conditional)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ from ._registry import create_generator, generator_class
 FORMAT = "quantkit-generator"
 FORMAT_VERSION = 1
 
-__all__ = ["GeneratorTrainConfig", "GeneratorTrainResult", "check_tokenizer_matches", "generator_for_tokenizer",
+__all__ = ["DIGITS_RECIPES", "GeneratorTrainConfig", "digits_recipe", "GeneratorTrainResult", "check_tokenizer_matches", "generator_for_tokenizer",
            "load_generator", "read_metrics", "tokenize_dataset", "train_generator"]
 
 
@@ -66,6 +66,7 @@ class GeneratorTrainConfig:
     log_every: int = 25
     device: str = "cpu"
     progress: bool = True
+    sampling: dict[str, Any] = field(default_factory=dict)  # defaults for `quantkit sample`: steps, guidance, ...
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -100,6 +101,28 @@ class GeneratorTrainResult:
     losses: list[tuple[int, float]]  # (step, mean loss) per logging window, whole run
     seconds: float  # wall time of this call's training loop
     num_parameters: int
+
+
+#: Small models for the 16x16 ``digits`` (8x8 token grid; VAR scales 1-2-4-8; RQ 4x4x3) that train in minutes on a
+#: 2-core CPU, with the sampling settings their evaluation uses. ``make demo`` and the benchmark start from these.
+DIGITS_RECIPES: dict[str, dict[str, Any]] = {
+    "maskgit": dict(model_config=dict(dim=96, depth=3, heads=4, dropout=0.1), lr=2e-3, batch_size=64,
+                    sampling=dict(steps=8, guidance=1.0, temperature=1.0)),
+    "var": dict(model_config=dict(dim=96, depth=3, heads=4), lr=2e-3, batch_size=64,
+                sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
+    "rq_transformer": dict(model_config=dict(dim=96, spatial_depth=3, depth_depth=1, heads=4), lr=2e-3,
+                           batch_size=64, sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
+    "pixelcnn": dict(model_config=dict(channels=64, layers=6, kernel=5), lr=2e-3, batch_size=64,
+                     sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
+}
+
+
+def digits_recipe(generator: str, tokenizer: str, out_dir: str, steps: int, **overrides: Any
+                  ) -> GeneratorTrainConfig:
+    """The :data:`DIGITS_RECIPES` config of ``generator`` for ``steps`` steps (keywords override fields)."""
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DIGITS_RECIPES[generator].items()}
+    return GeneratorTrainConfig(**{**recipe, "generator": generator, "tokenizer": tokenizer, "out_dir": out_dir,
+                                   "steps": steps, "warmup_steps": min(50, max(1, steps // 10)), **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,222 @@
+"""Generators on ``digits``: MaskGIT, VAR, RQ-Transformer and the PixelCNN prior, each on a quantkit tokenizer.
+
+For each generator: conditional accuracy (a quantkit digit classifier agrees with the requested class), Frechet
+distance of classifier features vs the real test digits and the reconstruction floor, images per second, network
+evaluations per image; and the sampling speed of MaskGIT (8 steps) and VAR against a raster PixelCNN prior with the
+*same parameter count* and the same guidance (timed interleaved, median of repeats, untrained weights suffice).
+
+    python benchmarks/bench_generators.py --out benchmarks/results/generators            # full (CPU, ~minutes)
+    python benchmarks/bench_generators.py --quick --out /tmp/bench_gen                   # smoke run
+
+Writes results.json (machines), results.md (README table) and samples.png / losses.png (people).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantkit.evaluation.classifier import ClassifierConfig, load_or_train_classifier
+from quantkit.evaluation.generation import evaluate_generator, reference_sets, sample_images
+from quantkit.generators import SamplingConfig, create_generator, make_generator
+from quantkit.generators.train import digits_recipe, load_generator, train_generator
+
+# tokenizer recipes: 16x16 digits -> 8x8 grid (MaskGIT, PixelCNN), scales 1-2-4-8 (VAR), 4x4x3 residual (RQ)
+TOKENIZERS = {
+    "grid": dict(model="vqvae", model_config={"num_downsamples": 1, "embed_dim": 3, "hidden": 48}, quantizer="fsq",
+                 quantizer_kwargs={"levels": [4, 4, 4]}),
+    "ms": dict(model="vqvae", model_config={"num_downsamples": 1, "embed_dim": 8, "hidden": 48},
+               quantizer="multiscale_residual", quantizer_kwargs={"codebook_size": 64, "patch_nums": [1, 2, 4, 8]}),
+    "rq": dict(model="vqvae", model_config={"num_downsamples": 2, "embed_dim": 3, "hidden": 48}, quantizer="residual",
+               quantizer_kwargs={"quantizer": "fsq", "levels": [4, 4, 4], "depth": 3}),
+}
+TOKENIZER_OF = {"maskgit": "grid", "pixelcnn": "grid", "var": "ms", "rq_transformer": "rq"}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_generators] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_tokenizer(kind: str, out: Path, steps: int, given: str | None) -> str:
+    from quantkit.tokenizers.train import TrainConfig, train_tokenizer
+
+    if given:
+        return given
+    path = out / f"tokenizer_{kind}"
+    if not (path / "latest.json").is_file():
+        log(f"training tokenizer {kind} for {steps} steps")
+        train_tokenizer(TrainConfig(**TOKENIZERS[kind], data="digits", steps=steps, batch_size=64, lr=2e-3,
+                                    out_dir=str(path), checkpoint_every=steps, progress=False, eval_images=0))
+    return str(path)
+
+
+def ensure_generator(name: str, tokenizer: str, out: Path, steps: int) -> Path:
+    path = out / name
+    latest = path / "latest.json"
+    if latest.is_file() and json.loads(latest.read_text())["step"] >= steps:
+        return path
+    log(f"training {name} for {steps} steps")
+    result = train_generator(digits_recipe(name, tokenizer, str(path), steps, progress=False),
+                             resume=latest.is_file())
+    log(f"{name}: {result.num_parameters:,} parameters, final loss {result.metrics['loss']:.3f}, "
+        f"{result.seconds:.0f} s")
+    return path
+
+
+def matched_pixelcnn(model, vocab_size: int, token_shape, layers: int = 6):
+    """A PixelCNN prior whose parameter count is the closest to ``model``'s (channels searched)."""
+    target = model.num_parameters()
+    best = min(range(8, 400, 4), key=lambda c: abs(create_generator(
+        "pixelcnn", vocab_size=vocab_size, token_shape=token_shape, channels=c, layers=layers).num_parameters()
+        - target))
+    return create_generator("pixelcnn", vocab_size=vocab_size, token_shape=token_shape, channels=best,
+                            layers=layers).eval()
+
+
+def time_sampling(models: dict, sampling: dict, batch: int, repeats: int) -> dict[str, float]:
+    """images/second of each model, timed interleaved (contention hits all alike), median over repeats."""
+    labels = torch.arange(batch) % 10
+    times = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, (model, steps) in models.items():
+            t0 = time.perf_counter()
+            model.generate(labels, steps=steps, sampling=sampling[k], generator=make_generator(0))
+            times[k].append(time.perf_counter() - t0)
+    return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/generators")
+    parser.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline, not quality")
+    parser.add_argument("--steps", type=int, help="generator training steps (default 1500, quick 20)")
+    parser.add_argument("--tokenizer-steps", type=int, help="tokenizer training steps (default 600, quick 20)")
+    parser.add_argument("--only", nargs="*", default=["maskgit", "var", "rq_transformer", "pixelcnn"])
+    for kind in TOKENIZERS:
+        parser.add_argument(f"--tokenizer-{kind}", help=f"use this trained '{kind}' tokenizer run")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is faster on an oversubscribed CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or (20 if args.quick else 1500)
+    tok_steps = args.tokenizer_steps or (20 if args.quick else 600)
+
+    from quantkit.tokenizers import load_tokenizer
+
+    clf, clf_acc = load_or_train_classifier(out / "classifier", ClassifierConfig(epochs=2 if args.quick else 15))
+    log(f"digit classifier test accuracy {clf_acc:.2%}")
+    kinds = sorted({TOKENIZER_OF[n] for n in args.only})
+    tok_paths = {k: ensure_tokenizer(k, out, tok_steps, getattr(args, f"tokenizer_{k}")) for k in kinds}
+    tokenizers = {k: load_tokenizer(p) for k, p in tok_paths.items()}
+    refs = {k: reference_sets(tokenizers[k], clf) for k in kinds}
+    for k, r in refs.items():
+        log(f"tokenizer {k}: floor FD {r.floor_fd:.3f} (recon of test {r.recon_test_fd:.3f}, real train "
+            f"{r.real_train_fd:.3f}), classifier accuracy on reconstructions {r.recon_accuracy:.2%}")
+
+    rows, samples, losses = [], {}, {}
+    for name in args.only:
+        kind = TOKENIZER_OF[name]
+        path = ensure_generator(name, tok_paths[kind], out, steps)
+        model, meta = load_generator(path)
+        s = dict(meta["train_config"]["sampling"])
+        gen_steps = s.pop("steps", None)
+        report = evaluate_generator(model, tokenizers[kind], clf, refs[kind], gen_steps, SamplingConfig(**s))
+        report["tokenizer"] = kind
+        rows.append(report)
+        log(json.dumps(report))
+        labels = torch.arange(10).repeat(2)
+        samples[name] = sample_images(model, tokenizers[kind], labels, gen_steps, SamplingConfig(**s), seed=1)[0]
+        losses[name] = [(m["step"], m["loss"]) for m in
+                        map(json.loads, (path / "metrics.jsonl").read_text().splitlines())]
+
+    # speed at equal parameter count, same guidance, interleaved timing
+    speed = {}
+    for name in [n for n in ("maskgit", "var") if n in args.only]:
+        model, meta = load_generator(out / name)
+        s = dict(meta["train_config"]["sampling"])
+        gen_steps = s.pop("steps", None)
+        tok = tokenizers[TOKENIZER_OF["pixelcnn"]]
+        prior = matched_pixelcnn(model, tok.vocab_size, tok.token_shape)
+        for guidance in sorted({s.get("guidance", 0.0), 0.0}):
+            cfg = SamplingConfig(**{**s, "guidance": guidance})
+            ips = time_sampling({name: (model, gen_steps), "pixelcnn": (prior, None)}, {name: cfg, "pixelcnn": cfg},
+                                batch=20 if args.quick else 50, repeats=2 if args.quick else 3)
+            speed[f"{name}@guidance={guidance}"] = {
+                "params": model.num_parameters(), "pixelcnn_params": prior.num_parameters(),
+                "images_per_second": ips[name], "pixelcnn_images_per_second": ips["pixelcnn"],
+                "speedup": ips[name] / ips["pixelcnn"],
+                "evaluations_per_image": model.evaluations_per_image(gen_steps, guidance),
+                "pixelcnn_evaluations_per_image": prior.evaluations_per_image(None, guidance)}
+            log(f"speed {name} guidance {guidance}: {speed[f'{name}@guidance={guidance}']}")
+
+    result = {"classifier_test_accuracy": clf_acc, "generator_steps": steps, "tokenizer_steps": tok_steps,
+              "torch_threads": torch.get_num_threads(), "quick": args.quick,
+              "references": {k: {"floor_fd": r.floor_fd, "recon_test_fd": r.recon_test_fd,
+                                 "real_train_fd": r.real_train_fd, "recon_accuracy": r.recon_accuracy}
+                             for k, r in refs.items()},
+              "generators": rows, "speed_vs_pixelcnn": speed}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / "results.md")
+    write_pictures(samples, losses, refs, out)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'losses.png'}")
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [f"Digit classifier (trained by quantkit on the digits train split): test accuracy "
+             f"{result['classifier_test_accuracy']:.1%}. Generators trained {result['generator_steps']} steps.", "",
+             "| generator | tokens | params | steps | guidance | cond. accuracy | FD | floor FD | FD / floor | "
+             "images/s | net evals / image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["generators"]:
+        lines.append(f"| {r['generator']} | {r['tokenizer']} | {r['parameters']:,} | {r['steps'] or '-'} | "
+                     f"{r['guidance']} | {r['conditional_accuracy']:.1%} | {r['frechet_distance']:.3f} | "
+                     f"{r['floor_frechet_distance']:.3f} | {r['fd_over_floor']:.2f} | {r['images_per_second']:.1f} | "
+                     f"{r['evaluations_per_image']} |")
+    lines += ["", "Sampling speed against a raster PixelCNN prior with the same parameter count and guidance:", "",
+              "| model | params | PixelCNN params | images/s | PixelCNN images/s | speedup | net evals (model / PixelCNN) |",
+              "|---|---|---|---|---|---|---|"]
+    for k, v in result["speed_vs_pixelcnn"].items():
+        lines.append(f"| {k} | {v['params']:,} | {v['pixelcnn_params']:,} | {v['images_per_second']:.1f} | "
+                     f"{v['pixelcnn_images_per_second']:.1f} | {v['speedup']:.1f}x | {v['evaluations_per_image']} / "
+                     f"{v['pixelcnn_evaluations_per_image']} |")
+    lines += ["", "Reference Frechet distances (same set size and class mix as the test split):", "",
+              "| tokenizer | floor: recon of train vs test | recon of test vs test | real train vs test | "
+              "classifier acc. on recon |", "|---|---|---|---|---|"]
+    for k, v in result["references"].items():
+        lines.append(f"| {k} | {v['floor_fd']:.3f} | {v['recon_test_fd']:.3f} | {v['real_train_fd']:.3f} | "
+                     f"{v['recon_accuracy']:.1%} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_pictures(samples: dict, losses: dict, refs: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from quantkit.tokenizers.evaluate import save_image_grid
+
+    first = next(iter(refs.values()))
+    real = torch.cat([first.test_images[first.test_labels == c][:2] for c in range(10)])
+    real = real.reshape(10, 2, *real.shape[1:]).transpose(0, 1).reshape(20, *real.shape[1:])
+    save_image_grid([real] + list(samples.values()), out / "samples.png")
+    (out / "samples.txt").write_text("rows: real test digits, " + ", ".join(samples) + "; columns: classes 0-9 twice\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in losses.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "losses.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
