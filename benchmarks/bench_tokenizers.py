@@ -189,7 +189,7 @@ def train_one(entry: Entry, train_set, test_set, args) -> tuple[dict[str, Any], 
 def markdown(rows: list[dict[str, Any]], args) -> str:
     lines = [f"Tokenizers on `patches` ({args.image_size}x{args.image_size} RGB crops; test = held-out photos, "
              f"{args.test_images} crops), {args.steps} steps x batch {args.batch_size}, seed {args.seed}. "
-             f"Command: `python benchmarks/bench_tokenizers.py{' --quick' if args.quick else ''}`.",
+             f"Command: `python benchmarks/bench_tokenizers.py {args.command}`.",
              "",
              "| model | quantizer | family | codes | tokens/img | PSNR dB | SSIM | utilization | perplexity | "
              "step ms | enc img/s | dec img/s |",
@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="names of entries to run (default: all)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stem", help="file name of the results (default tokenizers / tokenizers_quick)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    args.command = " ".join(sys.argv[1:] if argv is None else argv)
     args.steps = args.steps or (150 if args.quick else 1000)
     args.image_size = args.image_size or (16 if args.quick else 32)
     args.test_images = args.test_images or (256 if args.quick else 1024)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "tokenizers_quick" if args.quick else "tokenizers"
+    stem = args.stem or ("tokenizers_quick" if args.quick else "tokenizers")
     notes = check_targets(rows)
     (out / f"{stem}.json").write_text(json.dumps({"settings": vars(args), "results": rows, "targets": notes},
                                                  indent=2, default=str))

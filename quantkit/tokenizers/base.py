@@ -11,6 +11,10 @@ Contract (what a generator may assume of any quantkit tokenizer)
     encode(images (B, C, H, W) float in pixel_range) -> ids (B, *token_shape) int64      (no gradients)
     decode(ids (B, *token_shape) int64) -> images (B, C, H, W) float32, clamped to pixel_range
     forward(images) -> TokenizerOutput(reconstruction, indices, loss, stats)            (training)
+    training_loss(images) -> ({term: scalar}, TokenizerOutput)                         (what the trainer sums)
+    A trained tokenizer is loaded with ``quantkit.tokenizers.load_tokenizer(run_or_checkpoint_folder)``; its
+    config.json also records token_shape, vocab_size and pixel_range. With a soft quantizer (SoftVQ), forward
+    reconstructs from a mixture of codes while decode(ids) uses the chosen codes only.
 
 With the VAR multi-scale quantizer (the quantizer has ``encode_scales``), a tokenizer also offers
     encode_scales(images) -> [ids (B, p_k, p_k) int64 for each scale k]
@@ -19,9 +23,9 @@ and ``token_shape`` is (L,) with L = sum of h_k * w_k, the scales' maps flattene
 (the quantizer's ``split_scales`` undoes it).
 
 The one idea to hold: a tokenizer is an encoder, any registered quantizer (by name + keywords, or an instance),
-and a decoder. The quantizer sees channels-last latents (B, *grid, dim)
-(channels-first maps (B, dim, h, w) when it is built ``channel_first``, as VAR's); its ``dim`` must equal the encoder's
-latent channels, and a mismatch is an error that says which number to change.
+and a decoder. The quantizer sees channels-last latents (B, *grid, dim) (channels-first maps (B, dim, h, w) when
+it is built ``channel_first``, as VAR's); its ``dim`` must equal the encoder's latent channels, and a mismatch is
+an error that says which number to change.
 """
 from __future__ import annotations
 
