@@ -43,7 +43,8 @@ _SEED = 1234
 
 
 def _name(q: Quantizer) -> str:
-    return q.registry_name or type(q).__name__
+    """The registered name of q's own class (a user's subclass of a registered class goes by its class name)."""
+    return type(q).__dict__.get("registry_name") or type(q).__name__
 
 
 def _fail(q: Quantizer, invariant: str, message: str) -> None:
@@ -158,10 +159,6 @@ def _assert_same_stats(q: Quantizer, invariant: str, got: dict[str, Tensor], exp
 def _loss_tolerance(*losses: Tensor) -> tuple[float, float]:
     # losses are means over rows: the same rows summed in another order agree to a few float32 ulps.
     return 1e-5, 1e-6 * _scale(*losses)
-
-
-def _int_dtypes() -> tuple[torch.dtype, ...]:
-    return (torch.int64, torch.int32)
 
 
 def example_input(q: Quantizer, batch: int = 2, length: int = 6, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from quantkit import testing
-from quantkit.quantizers import Quantizer, QuantizerOutput, create_quantizer, list_quantizers
+from quantkit.quantizers import Quantizer, create_quantizer, example_kwargs, list_quantizers
+from quantkit.quantizers._registry import quantizer_class
 from quantkit.quantizers.gradients import straight_through
 from quantkit.ops import nearest_codeword
 
@@ -254,6 +255,19 @@ def test_check_quantizer_rejects_non_quantizers_and_unknown_skips():
         testing.check_quantizer(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown checks"):
         testing.check_quantizer(ToyVQ(), skip=("nope",))
+
+
+def test_a_violation_names_a_users_subclass_of_a_registered_quantizer_by_its_class():
+    if "fsq" not in list_quantizers():
+        pytest.skip("fsq is not registered")
+
+    class MyFSQ(quantizer_class("fsq")):
+        def decode(self, indices):
+            return super().decode(indices) + 1
+
+    q = MyFSQ(**example_kwargs("fsq"))
+    with pytest.raises(AssertionError, match=r"^MyFSQ: eval decode"):
+        testing.check_decode_round_trip(q, testing.example_input(q))
 
 
 def test_a_quantizer_with_its_own_input_geometry_supplies_example_input():
