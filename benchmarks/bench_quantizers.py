@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -81,9 +81,43 @@ def _peer_rq(s: Shape) -> nn.Module:
                       rotation_trick=False)
 
 
+def _qk_lfq(bits: int) -> Callable[[Shape], nn.Module]:
+    def build(s: Shape) -> nn.Module:  # MAGVIT-v2 losses: commitment 0.25, entropy 0.1 (exact over all 2^bits codes)
+        from quantkit import LFQ
+
+        return LFQ(dim=s.dim, codebook_size=2 ** bits, commitment_weight=0.25, entropy=dict(weight=0.1))
+    return build
+
+
+def _peer_lfq(bits: int) -> Callable[[Shape], nn.Module]:
+    def build(s: Shape) -> nn.Module:
+        from vector_quantize_pytorch import LFQ
+
+        return LFQ(dim=s.dim, codebook_size=2 ** bits, entropy_loss_weight=0.1, commitment_loss_weight=0.25)
+    return build
+
+
+_FSQ_LEVELS = (8, 8, 8, 6, 5)  # the paper's 2^14-sized grid (15,360 codes)
+
+
+def _qk_fsq(s: Shape) -> nn.Module:
+    from quantkit import FSQ
+
+    return FSQ(_FSQ_LEVELS, dim=s.dim)
+
+
+def _peer_fsq(s: Shape) -> nn.Module:
+    from vector_quantize_pytorch import FSQ
+
+    return FSQ(levels=list(_FSQ_LEVELS), dim=s.dim)
+
+
 METHODS: list[Method] = [
     Method("vq", _qk_vq, _peer_vq, "VectorQuantize"),
     Method("rq", _qk_rq, _peer_rq, "ResidualVQ"),
+    Method("fsq", _qk_fsq, _peer_fsq, "FSQ"),
+    Method("lfq-2^16", _qk_lfq(16), _peer_lfq(16), "LFQ"),
+    Method("lfq-2^18", _qk_lfq(18), _peer_lfq(18), "LFQ"),
 ]
 
 
@@ -93,7 +127,7 @@ METHODS: list[Method] = [
 
 def _loss_and_output(out) -> tuple[torch.Tensor, torch.Tensor]:
     """(quantized, scalar aux loss) from a QuantizerOutput or any of the peer's return tuples."""
-    if hasattr(out, "quantized"):
+    if hasattr(out, "quantized") and hasattr(out, "loss"):  # the peer's LFQ returns a namedtuple with .quantized
         return out.quantized, out.loss
     quantized = out[0]
     extra = [t for t in out[2:3] if isinstance(t, torch.Tensor)]
@@ -244,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--depth", type=int, default=4, help="depth of the residual methods")
+    parser.add_argument("--tokens", type=int, help="override the number of tokens (a multiple of 16)")
+    parser.add_argument("--codes", type=int, help="override the codebook size")
     parser.add_argument("--mem-cap-gb", type=float, default=12.0, help="RLIMIT_AS of each CPU worker")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per method and side")
     parser.add_argument("--no-peer", action="store_true", help="skip vector-quantize-pytorch")
@@ -255,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         _worker_main(*args.worker, args)
         return
     shape = Shape(4096, 64, 1024, args.depth, 4) if args.quick else Shape(depth=args.depth)
+    shape = replace(shape, **{k: v for k, v in (("tokens", args.tokens), ("codes", args.codes)) if v is not None})
     methods = [m for m in METHODS if not args.only or m.name in args.only]
     rows = []
     for m in methods:
@@ -272,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats, "mem_cap_gb": args.mem_cap_gb,
             "command": "python benchmarks/bench_quantizers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_quantizers" + ("_quick" if args.quick else ""))
+    suffix = "_quick" if args.quick else "" if shape == Shape(depth=shape.depth) else f"_{shape.tokens}x{shape.codes}"
+    stem = os.path.join(args.out, "bench_quantizers" + suffix)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:
