@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["maskgit", "var", "rq_transformer", "pixelcnn"])
     for kind in TOKENIZERS:
         parser.add_argument(f"--tokenizer-{kind}", help=f"use this trained '{kind}' tokenizer run")
+    parser.add_argument("--guidance", type=float, nargs="*", help="evaluate at these guidance scales (default: "
+                                                                   "each recipe's)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is faster on an oversubscribed CPU)")
     args = parser.parse_args()
     if args.threads:
@@ -127,10 +129,12 @@ def main() -> None:
         model, meta = load_generator(path)
         s = dict(meta["train_config"]["sampling"])
         gen_steps = s.pop("steps", None)
-        report = evaluate_generator(model, tokenizers[kind], clf, refs[kind], gen_steps, SamplingConfig(**s))
-        report["tokenizer"] = kind
-        rows.append(report)
-        log(json.dumps(report))
+        for guidance in (args.guidance or [s.get("guidance", 0.0)]):
+            report = evaluate_generator(model, tokenizers[kind], clf, refs[kind], gen_steps,
+                                        SamplingConfig(**{**s, "guidance": guidance}))
+            report.update(tokenizer=kind, train_steps=meta["step"])
+            rows.append(report)
+            log(json.dumps(report))
         labels = torch.arange(10).repeat(2)
         samples[name] = sample_images(model, tokenizers[kind], labels, gen_steps, SamplingConfig(**s), seed=1)[0]
         losses[name] = [(m["step"], m["loss"]) for m in
@@ -170,11 +174,12 @@ def main() -> None:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"Digit classifier (trained by quantkit on the digits train split): test accuracy "
-             f"{result['classifier_test_accuracy']:.1%}. Generators trained {result['generator_steps']} steps.", "",
-             "| generator | tokens | params | steps | guidance | cond. accuracy | FD | floor FD | FD / floor | "
-             "images/s | net evals / image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{result['classifier_test_accuracy']:.1%}.", "",
+             "| generator | tokens | params | trained steps | sampling steps | guidance | cond. accuracy | FD | floor FD | FD / floor | "
+             "images/s | net evals / image |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["generators"]:
-        lines.append(f"| {r['generator']} | {r['tokenizer']} | {r['parameters']:,} | {r['steps'] or '-'} | "
+        lines.append(f"| {r['generator']} | {r['tokenizer']} | {r['parameters']:,} | {r['train_steps']} | "
+                     f"{r['steps'] or '-'} | "
                      f"{r['guidance']} | {r['conditional_accuracy']:.1%} | {r['frechet_distance']:.3f} | "
                      f"{r['floor_frechet_distance']:.3f} | {r['fd_over_floor']:.2f} | {r['images_per_second']:.1f} | "
                      f"{r['evaluations_per_image']} |")

@@ -106,13 +106,13 @@ class GeneratorTrainResult:
 #: Small models for the 16x16 ``digits`` (8x8 token grid; VAR scales 1-2-4-8; RQ 4x4x3) that train in minutes on a
 #: 2-core CPU, with the sampling settings their evaluation uses. ``make demo`` and the benchmark start from these.
 DIGITS_RECIPES: dict[str, dict[str, Any]] = {
-    "maskgit": dict(model_config=dict(dim=96, depth=3, heads=4, dropout=0.1), lr=2e-3, batch_size=64,
+    "maskgit": dict(model_config=dict(dim=64, depth=3, heads=4, dropout=0.1), lr=2e-3, batch_size=32,
                     sampling=dict(steps=8, guidance=1.0, temperature=1.0)),
-    "var": dict(model_config=dict(dim=96, depth=3, heads=4), lr=2e-3, batch_size=64,
+    "var": dict(model_config=dict(dim=64, depth=3, heads=4), lr=2e-3, batch_size=32,
                 sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
-    "rq_transformer": dict(model_config=dict(dim=96, spatial_depth=3, depth_depth=1, heads=4), lr=2e-3,
-                           batch_size=64, sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
-    "pixelcnn": dict(model_config=dict(channels=64, layers=6, kernel=5), lr=2e-3, batch_size=64,
+    "rq_transformer": dict(model_config=dict(dim=64, spatial_depth=3, depth_depth=1, heads=4), lr=2e-3,
+                           batch_size=32, sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
+    "pixelcnn": dict(model_config=dict(channels=48, layers=6, kernel=5), lr=2e-3, batch_size=32,
                      sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
 }
 
