@@ -2,8 +2,9 @@
 very same VQGAN, trained on the same `patches` batches for the same number of steps, then evaluated on patches of
 photographs never trained on; plus TiTok with 32 tokens at the same budget.
 
-    python benchmarks/bench_tokenizers.py --quick      # 16x16 patches, 150 steps per model (a few minutes on 2 cores)
-    python benchmarks/bench_tokenizers.py              # 32x32 patches, 1,000 steps per model (about 1 h on 2 cores)
+    python benchmarks/bench_tokenizers.py --quick      # 16x16 patches, 150 steps per model (~15 min on 2 busy cores)
+    python benchmarks/bench_tokenizers.py              # 32x32 patches, 1,000 steps per model (~1 h on 2 idle cores)
+    python benchmarks/bench_tokenizers.py --only vq "peer VectorQuantize"   # a subset
 
 Writes benchmarks/results/tokenizers{_quick}.json (machines), .md (the README table) and .png (originals above each
 model's reconstructions). Targets (issue 4): quantkit "vq" reaches at least the peer VectorQuantize's PSNR with at
@@ -178,6 +179,7 @@ def train_one(entry: Entry, train_set, test_set, args) -> tuple[dict[str, Any], 
         if not math.isfinite(float(loss)):
             raise RuntimeError(f"{entry.name}: loss became {float(loss)} at step {step}")
     report = evaluate_tokenizer(tok.eval(), test_set, batch_size=64)
+    report["train_utilization"] = train_utilization(tok, train_set, args.test_images)
     images01 = stack_batch(test_set, range(args.grid_images))[0]
     recon = tok.to_unit(tok.decode(tok.encode(tok.from_unit(images01)))).clamp(0, 1)
     report.update(name=entry.name, family=entry.family, model=entry.model,
@@ -186,17 +188,29 @@ def train_one(entry: Entry, train_set, test_set, args) -> tuple[dict[str, Any], 
     return report, recon
 
 
+@torch.no_grad()
+def train_utilization(tok, train_set, n: int) -> float:
+    """Fraction of the codebook used on n training crops (utilization on held-out photos is lower by design:
+    codes that specialise to content only the training photos have stay unused there)."""
+    used = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    for start in range(0, n, 64):
+        images = stack_batch(train_set, range(start, min(start + 64, n)))[0]
+        used[tok.encode(tok.from_unit(images)).reshape(-1)] = True
+    return float(used.float().mean())
+
+
 def markdown(rows: list[dict[str, Any]], args) -> str:
     lines = [f"Tokenizers on `patches` ({args.image_size}x{args.image_size} RGB crops; test = held-out photos, "
              f"{args.test_images} crops), {args.steps} steps x batch {args.batch_size}, seed {args.seed}. "
              f"Command: `python benchmarks/bench_tokenizers.py {args.command}`.",
              "",
-             "| model | quantizer | family | codes | tokens/img | PSNR dB | SSIM | utilization | perplexity | "
-             "step ms | enc img/s | dec img/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | quantizer | family | codes | tokens/img | PSNR dB | SSIM | utilization (test) | "
+             "utilization (train) | perplexity | step ms | enc img/s | dec img/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['name']} | {r['family']} | {r['vocab_size']} | {r['tokens_per_image']} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['utilization']:.1%} | {r['perplexity']:.0f} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['utilization']:.1%} | "
+                     f"{r.get('train_utilization', float('nan')):.1%} | {r['perplexity']:.0f} | "
                      f"{r['step_ms']:.0f} | {r['encode_images_per_s']:.0f} | {r['decode_images_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
