@@ -349,5 +349,11 @@ def soft_assign(z: Tensor, codebook: Tensor, temperature: float | Tensor = 1.0, 
     return torch.ops.quantkit.soft_assign.default(z, codebook, temperature, code)[0]
 
 
+# Under autocast both ops run in float32 (their accuracy contract is stated for float32 accumulation): autocast
+# would otherwise lower the references' matmuls to bfloat16 and flip near-tie indices.
+for _op in ("quantkit::nearest_codeword", "quantkit::soft_assign"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)
+
 # Load the compiled kernels last: they register implementations for the schemas defined above.
 _ext._load()
