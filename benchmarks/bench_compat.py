@@ -1,7 +1,7 @@
 """vector-quantize-pytorch's classes vs quantkit's drop-in adapters on the very same call: time and peak memory.
 
-    python benchmarks/bench_compat.py --quick     # small shapes, 3 repeats (about a minute on 2 cores)
-    python benchmarks/bench_compat.py             # the README shapes
+    python benchmarks/bench_compat.py --quick     # small shapes (a few minutes on 2 busy cores)
+    python benchmarks/bench_compat.py --threads 1 # the full shapes (about 25 min on one busy core)
     python benchmarks/bench_compat.py --device cuda
 
 Each (case, implementation, mode) runs in a fresh subprocess: build the module with the same keywords (the adapter
@@ -35,7 +35,7 @@ CASES = {
     "VectorQuantize K=8192": ("VectorQuantize", dict(dim=256, codebook_size=8192), (4, 1024, 256)),
     "ResidualVQ 8x1024": ("ResidualVQ", dict(dim=256, num_quantizers=8, codebook_size=1024), (4, 1024, 256)),
     "FSQ [8,5,5,5]": ("FSQ", dict(levels=[8, 5, 5, 5], dim=256), (4, 1024, 256)),
-    "LFQ 2^16": ("LFQ", dict(codebook_size=65536, dim=16), (4, 1024, 16)),
+    "LFQ 2^16": ("LFQ", dict(codebook_size=65536, dim=16), (1, 1024, 16)),
 }
 QUICK = {
     "VectorQuantize K=8192": (1, 512, 256),
@@ -109,20 +109,22 @@ def _subprocess(case, impl, mode, shape, repeats, device, threads) -> dict:
 def markdown(rows: list[dict]) -> str:
     """One line per (case, mode): peer vs quantkit time and peak memory, and the ratios."""
     by = {(r["case"], r["mode"], r["impl"]): r for r in rows}
-    lines = ["| case | mode | peer ms | quantkit ms | speed-up | peer peak MiB | quantkit peak MiB | memory ratio |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | input | mode | peer ms | quantkit ms | speed-up | peer peak MiB | quantkit peak MiB | memory ratio |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for case in dict.fromkeys(r["case"] for r in rows):
         for mode in ("train", "eval"):
             p, q = by.get((case, mode, "peer")), by.get((case, mode, "quantkit"))
             if p is None or q is None:
                 continue
             if "error" in p or "error" in q:
-                lines.append(f"| {case} | {mode} | {p.get('error', '')} | {q.get('error', '')} | | | | |")
+                lines.append(f"| {case} | | {mode} | {p.get('error', '')} | {q.get('error', '')} | | | | |")
                 continue
-            ratio = p["peak_mib"] / q["peak_mib"] if q["peak_mib"] > 0 else float("inf")
-            lines.append(f"| {case} | {mode} | {p['time_ms']:.1f} | {q['time_ms']:.1f} | "
+            # CPU RSS growth misses small reused blocks: no ratio under 1 MiB.
+            ratio = f"{p['peak_mib'] / q['peak_mib']:.1f}x" if q["peak_mib"] >= 1 else "n/a"
+            shape = "x".join(map(str, p["shape"]))
+            lines.append(f"| {case} | {shape} | {mode} | {p['time_ms']:.1f} | {q['time_ms']:.1f} | "
                          f"{p['time_ms'] / q['time_ms']:.2f}x | {p['peak_mib']:.1f} | {q['peak_mib']:.1f} | "
-                         f"{ratio:.1f}x |")
+                         f"{ratio} |")
     return "\n".join(lines)
 
 
@@ -164,6 +166,11 @@ def main() -> None:
         case, impl, mode, shape = json.loads(args.one)
         print(json.dumps(run_one(case, impl, mode, tuple(shape), args.repeats, args.device)))
         return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "compat" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
+    settings = {**vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count()}
+    command = " ".join(["python benchmarks/bench_compat.py"] + sys.argv[1:])
     rows = []
     for case, (_, _, shape) in CASES.items():
         if args.only and case not in args.only:
@@ -173,16 +180,11 @@ def main() -> None:
             for impl in ("peer", "quantkit"):
                 rows.append(_subprocess(case, impl, mode, shape, args.repeats, args.device, args.threads))
                 print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "compat" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
-    settings = {**vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count()}
-    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=1))
-    table = markdown(rows)
-    (out / f"{stem}.md").write_text(f"`python benchmarks/bench_compat.py{' --quick' if args.quick else ''}"
-                                    f"{' --device cuda' if args.device == 'cuda' else ''}`\n\n{table}\n")
+                # Written after every row, so a run cut short still leaves what it measured.
+                (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=1))
+                (out / f"{stem}.md").write_text(f"`{command}`\n\n{markdown(rows)}\n")
     plot(rows, out / f"{stem}.png")
-    print(table)
+    print(markdown(rows))
     print(f"wrote {out / (stem + '.json')}, .md, .png")
 
 
