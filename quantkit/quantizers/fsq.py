@@ -35,11 +35,12 @@ def exact_straight_through(z: Tensor, value: Tensor) -> Tensor:
 
 
 class _Projection(nn.Linear):
-    """A linear map that computes in its weight's dtype and returns its input's dtype, so a module cast with
-    ``.half()`` / ``.bfloat16()`` still takes the float32 rows the base class hands it."""
+    """A linear map that computes in its weight's dtype (float32 also under autocast, which would otherwise change
+    the code choice) and returns its input's dtype, so a module cast with ``.half()`` still takes float32 rows."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 def projections(dim: int, inner_dim: int, bias: bool = True) -> tuple[nn.Module, nn.Module]:

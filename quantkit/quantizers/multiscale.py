@@ -122,18 +122,20 @@ class MultiScaleResidualQuantizer(Quantizer):
 
     def _contribution(self, k: int, idx: Tensor, dtype: torch.dtype) -> Tensor:
         """Scale k's token map (B, h_k, w_k) -> its refined contribution to f_hat, (B, C, H, W)."""
-        emb = self.codebook.to(dtype)[idx].permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
-        if k < self.num_scales - 1:
-            emb = F.interpolate(emb, size=self.sizes[-1], mode="bicubic")
-        return self._refine(k, emb)
+        with torch.autocast(idx.device.type, enabled=False):  # float32: the code choice must not depend on autocast
+            emb = self.codebook.to(dtype)[idx].permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
+            if k < self.num_scales - 1:
+                emb = F.interpolate(emb, size=self.sizes[-1], mode="bicubic")
+            return self._refine(k, emb)
 
     def _assign(self, k: int, rest: Tensor) -> Tensor:
         """Residual (B, C, H, W) -> scale k's token map (B, h_k, w_k) of nearest codes."""
-        if k < self.num_scales - 1:
-            rest = F.interpolate(rest, size=self.sizes[k], mode="area")
-        b, c, h, w = rest.shape
-        rows = rest.permute(0, 2, 3, 1).reshape(-1, c)  # (B h_k w_k, C)
-        return nearest_codeword(rows, self.codebook.detach().to(rows.dtype)).indices.view(b, h, w)
+        with torch.autocast(rest.device.type, enabled=False):
+            if k < self.num_scales - 1:
+                rest = F.interpolate(rest, size=self.sizes[k], mode="area")
+            b, c, h, w = rest.shape
+            rows = rest.permute(0, 2, 3, 1).reshape(-1, c)  # (B h_k w_k, C)
+            return nearest_codeword(rows, self.codebook.detach().to(rows.dtype)).indices.view(b, h, w)
 
     def _residual_pass(self, f: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """f (B, C, H, W) -> (token maps per scale, f_hat after every scale (with graph to codebook and phi))."""

@@ -139,7 +139,9 @@ class ResidualQuantizer(Quantizer):
             residual = (residual - q).detach()
             if self.commitment_weight:
                 err = (z - total_hard).square().sum(-1) / z.shape[1]  # (N,)
-                commit = commit + (err.mean() if mask is None else err[mask].sum() / mask.sum().clamp_min(1))
+                if mask is not None:
+                    err = err[mask]
+                commit = commit + err.sum() / max(err.shape[0], 1)  # zero, not NaN, for an empty batch
         if self.commitment_weight:
             loss = loss + self.commitment_weight * commit / self.depth
         return total, torch.stack(indices, dim=-1), loss  # (N, dim), (N, depth), ()

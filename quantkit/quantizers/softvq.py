@@ -65,12 +65,14 @@ class SoftVQ(Quantizer):
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         codebook = self.codebook.to(z.dtype)
-        quantized = soft_assign(z, codebook, self.temperature, self.metric)  # (N, dim), soft
-        indices = nearest_codeword(z.detach(), codebook.detach(), self.metric).indices  # (N,) most probable
+        with torch.autocast(z.device.type, enabled=False):  # small temperatures need float32 logits
+            quantized = soft_assign(z, codebook, self.temperature, self.metric)  # (N, dim), soft
+            indices = nearest_codeword(z.detach(), codebook.detach(), self.metric).indices  # (N,) most probable
         return quantized, indices, z.new_zeros(())
 
     def _encode(self, z: Tensor) -> Tensor:
-        return nearest_codeword(z, self.codebook.to(z.dtype), self.metric).indices
+        with torch.autocast(z.device.type, enabled=False):
+            return nearest_codeword(z, self.codebook.to(z.dtype), self.metric).indices
 
     def _decode(self, indices: Tensor) -> Tensor:
         return self.codes()[indices]
