@@ -347,7 +347,7 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
             step += 1
-            window.append(float(loss))
+            window.append(float(loss.detach()))
             if step % config.log_every == 0 or step == config.steps:
                 last = {"step": step, "loss": sum(window) / len(window), "lr": lr}
                 losses.append((step, last["loss"]))
@@ -360,7 +360,7 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
             if bar is not None:
                 bar.update(1)
             if callback is not None and rank == 0:
-                callback(step, float(loss))
+                callback(step, window[-1] if window else float(loss.detach()))
             if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
                 save_checkpoint(out_dir, step, model, config, {"step": step, "optimizer": opt.state_dict()}, last)
     except KeyboardInterrupt:
