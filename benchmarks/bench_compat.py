@@ -35,7 +35,7 @@ CASES = {
     "VectorQuantize K=8192": ("VectorQuantize", dict(dim=256, codebook_size=8192), (4, 1024, 256)),
     "ResidualVQ 8x1024": ("ResidualVQ", dict(dim=256, num_quantizers=8, codebook_size=1024), (4, 1024, 256)),
     "FSQ [8,5,5,5]": ("FSQ", dict(levels=[8, 5, 5, 5], dim=256), (4, 1024, 256)),
-    "LFQ 2^16": ("LFQ", dict(codebook_size=65536, dim=16), (1, 1024, 16)),
+    "LFQ 2^16": ("LFQ", dict(codebook_size=65536, dim=16), (4, 1024, 16)),
 }
 QUICK = {
     "VectorQuantize K=8192": (1, 512, 256),
