@@ -137,13 +137,14 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     ok = [r for r in rows if "error" not in r]
     labels = list(dict.fromkeys(f"{r['case']}\n{r['mode']}" for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in ((axes[0], "time_ms", "time (ms, median)"), (axes[1], "peak_mib", "peak memory (MiB)")):
         for k, impl in enumerate(("peer", "quantkit")):
             vals = {f"{r['case']}\n{r['mode']}": r[key] for r in ok if r["impl"] == impl}
             ax.bar([i + 0.4 * k for i in range(len(labels))], [vals.get(lbl, 0) for lbl in labels], 0.4, label=impl)
-        ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, fontsize=7)
-        ax.set_title(title)
+        ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, fontsize=7, rotation=45, ha="right")
+        ax.set_yscale("log")  # the cases span four orders of magnitude
+        ax.set_title(title + ", log scale")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
