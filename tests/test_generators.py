@@ -331,6 +331,7 @@ def test_var_needs_a_multiscale_tokenizer(tiny_tokenizers, tmp_path):
         train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "v", generator="var", model_config={}))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_generator_weights(tiny_tokenizers, tmp_path):
     import json
     import os
