@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...quantizers import ResidualQuantizer
-from ...quantizers.fsq import exact_straight_through
+from ...quantizers.gradients import straight_through
 from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, load_codebook,
                       load_projections, only_default, parse_options, reject_call, set_signature, to_channels_last)
 from .vq import VQ_OPTIONS, sampling_temperature, vq_core_kwargs
@@ -98,10 +98,15 @@ class ResidualVQ(nn.Module):
         self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and depth > 1
         core = vq_core_kwargs(o, self.codebook_dim)
+        commitment = core.pop("commitment_weight")
         self.rq = ResidualQuantizer(self.codebook_dim, "vq", depth=depth, shared_codebook=o["shared_codebook"],
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, depth),
                                     codebook_size=self.codebook_size, **core)
+        for layer in self.rq.layers:
+            # ResidualQuantizer's own commitment_weight (RQ-VAE's partial-sum term, off here) shadows the levels'
+            # keyword of that name: the peer's per-level commitment is set on each level.
+            layer.commitment_weight = float(commitment)
         self.quantize_dropout = dropout
         self.shared_codebook = o["shared_codebook"]
         self.accept_image_fmap = o["accept_image_fmap"]
@@ -136,7 +141,7 @@ class ResidualVQ(nn.Module):
             res = self.rq(h, mask=mask)
         q, idx = res.quantized, res.indices
         if self.training and self.ema_update:
-            q = exact_straight_through(q, self.rq.decode(idx).to(q.dtype))  # codes after this step's update
+            q = straight_through(q, self.rq.decode(idx).to(q.dtype))  # codes after this step's update
         out, idx = apply_padding(self.project_out(q), idx, mask,
                                  None if self.return_zeros_for_masked_padding else z, 1)
         ret = (from_channels_last(out, channel_first), idx, residual_losses(res.loss, self.num_quantizers,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...quantizers import DeadCodeConfig, EMAConfig, KMeansInit, Sampling, VectorQuantizer
-from ...quantizers.fsq import exact_straight_through
+from ...quantizers.gradients import straight_through
 from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, lens_to_mask,
                       load_codebook, load_projections, only_default, parse_options, reject_call, set_signature, swapped,
                       to_channels_last, unless)
@@ -203,7 +203,7 @@ class VectorQuantize(nn.Module):
             loss = torch.stack([o.loss for o in outs]).mean()  # equal-size heads: the mean over every element
         if self.training and self.ema_update:
             # The EMA step (and revival) moved the codebook after the lookup: report the codes the indices now name.
-            q = exact_straight_through(q, self._codes(indices).to(q.dtype))
+            q = straight_through(q, self._codes(indices).to(q.dtype))
         return q, indices, loss
 
     def _codes(self, indices: Tensor) -> Tensor:
