@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantkit.quantizers  # noqa: F401 - registers every built-in quantizer
-from quantkit import _ext, testing
+from quantkit import testing
 from quantkit.metrics import CodebookUsage
 from quantkit.quantizers import (DeadCodeConfig, KMeansInit, Quantizer, Sampling, create_quantizer, example_kwargs,
                                  list_quantizers)
@@ -32,19 +32,9 @@ NAMES = list_quantizers()
 INDUCTOR_NAMES = {"vq", "fsq", "lfq"}
 COMPILE_BACKEND = os.getenv("QUANTKIT_TEST_COMPILE_BACKEND")
 
-_REFERENCE_SEARCH = not _ext.has_kernel("nearest_codeword", "CPU")
-_AUTOCAST_REFERENCE = ("the pure-PyTorch nearest_codeword reference runs its distance matmul under autocast, so a "
-                       "bfloat16 search picks other codes (the fused CPU kernel does not)")
-
 #: (name, test) -> (condition, reason), for a registered quantizer that violates an invariant and is not fixed yet:
 #: xfail strict, so the fix is noticed.
-KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[bool, str]] = {
-    ("vqgan_lc", "autocast"): (True, "the projector (nn.Linear) runs in bfloat16 under autocast, so the projected "
-                                     "codebook and the code choice change"),
-    ("vq", "autocast"): (_REFERENCE_SEARCH, _AUTOCAST_REFERENCE),
-    ("softvq", "autocast"): (_REFERENCE_SEARCH, _AUTOCAST_REFERENCE),
-    ("multiscale_residual", "autocast"): (_REFERENCE_SEARCH, _AUTOCAST_REFERENCE),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], tuple[bool, str]] = {}
 
 
 def _violated(name: str, test: str) -> bool:
@@ -302,11 +292,6 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
 #: (variant id, check) -> reason: a violation not fixed yet; the variant test skips the check and
 #: test_variant_known_violation_still_fails keeps it visible (xfail strict).
 VARIANT_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("vq-codebook_dim", "autocast"): "the projections (nn.Linear) run in bfloat16 under autocast, so the code choice "
-                                      "changes",
-    ("lfq-dim", "autocast"): "the projections run in bfloat16 under autocast, so the signs change",
-    ("fsq-dim", "autocast"): "the projections run in bfloat16 under autocast, so the rounding changes",
-    ("residual-commitment_weight", "empty_batch"): "the commitment term is a mean over zero vectors: NaN loss",
 }
 
 
@@ -328,8 +313,6 @@ _REGISTERED_VARIANTS = [pytest.param(name, overrides, skip, i % 2 == 1, id=_vari
 def test_check_quantizer_passes_on_option_variants(name, overrides, skip, channel_first):
     variant = _variant_id(name, overrides)
     skip = skip + tuple(check for (v, check) in VARIANT_VIOLATIONS if v == variant)
-    if _REFERENCE_SEARCH:  # the reference search's autocast violation is tracked by the autocast test above
-        skip += ("autocast",)
     kwargs = {**_variant_kwargs(name, overrides), "channel_first": channel_first}
     torch.manual_seed(0)
     q = create_quantizer(name, **kwargs)

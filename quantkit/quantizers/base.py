@@ -41,6 +41,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def full_precision(device: torch.device):
+    """Context in which quantizers compute: autocast off, because a bfloat16 projection or search flips codes."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Perplexity and used fraction of ``codebook_size`` codes over ``indices`` (any shape; every column shares
     one codebook of that size). Negative indices (the -1 of a depth skipped by quantize-dropout) are not counted.
@@ -146,7 +151,8 @@ class Quantizer(nn.Module):
         quantized too but take no part in the loss, the statistics or any codebook update."""
         rows, shape = self._to_rows(x)
         mask_rows = self._mask_rows(mask, shape)
-        quantized, indices, loss = self._quantize(rows, mask_rows)
+        with full_precision(rows.device):
+            quantized, indices, loss = self._quantize(rows, mask_rows)
         used = indices if mask_rows is None else indices[mask_rows]
         stats = batch_usage_stats(used, self.codebook_size)
         return QuantizerOutput(
@@ -160,19 +166,17 @@ class Quantizer(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Indices of x (int64); never changes a parameter or buffer."""
         rows, shape = self._to_rows(x)
-        return self._encode(rows).reshape(self._indices_shape(shape))
+        with full_precision(rows.device):
+            return self._encode(rows).reshape(self._indices_shape(shape))
 
     def decode(self, indices: Tensor) -> Tensor:
         """Quantized vectors for ``indices`` in x's layout (channels first when channel_first), float32."""
         if indices.dtype != torch.int64:
             raise ValueError(f"{type(self).__name__}: indices must be int64, got {indices.dtype}")
         self._check_indices(indices)
-        if self.num_indices == 1:
-            lead = tuple(indices.shape)
-            rows = self._decode(indices.reshape(-1))
-        else:
-            lead = tuple(indices.shape[:-1])
-            rows = self._decode(indices.reshape(-1, indices.shape[-1]))
+        lead = tuple(indices.shape) if self.num_indices == 1 else tuple(indices.shape[:-1])
+        with full_precision(indices.device):
+            rows = self._decode(indices.reshape(-1) if self.num_indices == 1 else indices.reshape(-1, indices.shape[-1]))
         out = rows.reshape(*lead, self.dim)
         return out.movedim(-1, 1) if self.channel_first else out
 

@@ -18,20 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from ._registry import register_quantizer
+from .gradients import straight_through
 from .base import Quantizer
 
-__all__ = ["FSQ", "exact_straight_through"]
+__all__ = ["FSQ"]
 
 _BOUND_EPS = 1e-3
-
-
-def exact_straight_through(z: Tensor, value: Tensor) -> Tensor:
-    """``value`` exactly in the forward pass, identity gradient to ``z``.
-
-    ``z + (value - z).detach()`` rounds (it differs from value in about a third of float32 entries), which would
-    break ``decode(indices) == quantized``; ``value + (z - z)`` adds an exact zero.
-    """
-    return value.detach() + (z - z.detach())
 
 
 class _Projection(nn.Linear):
@@ -100,7 +92,7 @@ class FSQ(Quantizer):
         low = -(levels // 2)  # (d,) smallest integer on the grid
         integer = torch.maximum(torch.minimum(b.detach().round(), (low + levels - 1).to(b.dtype)),
                                 low.to(b.dtype))  # clamp guards the grid's edges against the (1 + eps) bound
-        codes = exact_straight_through(b, integer) / (levels // 2).to(b.dtype)
+        codes = straight_through(b, integer) / (levels // 2).to(b.dtype)
         return codes, integer.long() - low
 
     def digits_to_indices(self, digits: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ from torch import Tensor
 from ._registry import register_quantizer
 from .base import Quantizer, bits_for
 from .entropy import codebook_entropy, per_sample_entropy
-from .fsq import exact_straight_through, projections
+from .fsq import projections
+from .gradients import straight_through
 
 __all__ = ["LFQ", "EntropyLoss"]
 
@@ -107,7 +108,7 @@ class LFQ(Quantizer):
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h = self.project_in(z)  # (N, bits)
         codes, indices = self._hard(h)
-        quantized = self.project_out(exact_straight_through(h, codes))
+        quantized = self.project_out(straight_through(h, codes))
         if mask is not None:  # masked-out rows take no part in the loss
             h, codes = h[mask], codes[mask]
         loss = z.new_zeros(())

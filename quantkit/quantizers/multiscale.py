@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..ops import nearest_codeword
 from ._registry import register_quantizer
 from .base import Quantizer, QuantizerOutput, _compute_dtype, batch_usage_stats
-from .fsq import exact_straight_through
+from .gradients import straight_through
 
 __all__ = ["MultiScaleResidualQuantizer"]
 
@@ -181,7 +181,7 @@ class MultiScaleResidualQuantizer(Quantizer):
                 f_hat = f_hat if mask is None else f_hat[mask]
                 loss = loss + self.beta * F.mse_loss(f_hat.detach(), target) + F.mse_loss(f_hat, target.detach())
             loss = loss / self.num_scales
-        quantized = exact_straight_through(f, f_hats[-1])  # value f_hat, identity gradient to x
+        quantized = straight_through(f, f_hats[-1])  # value f_hat, identity gradient to x
         used = indices if mask is None else indices[mask]
         return QuantizerOutput(quantized.to(x.dtype), indices, loss.float(), batch_usage_stats(used, self.codebook_size))
 

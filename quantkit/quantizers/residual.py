@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._registry import create_quantizer, register_quantizer
 from .base import Quantizer
-from .fsq import exact_straight_through
+from .gradients import straight_through
 
 __all__ = ["ResidualQuantizer"]
 

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from ._registry import register_quantizer
 from .base import Quantizer
 from .codebook import Codebook, DeadCodeConfig, EMAConfig, KMeansInit
-from .fsq import exact_straight_through
-from .gradients import rotation_trick
+from .gradients import rotation_trick, straight_through
 
 __all__ = ["VectorQuantizer", "Sampling", "masked_mse"]
 
@@ -155,7 +154,7 @@ class VectorQuantizer(Quantizer):
         if self.gradient == "rotation":
             out = rotation_trick(h, codes)
         else:
-            out = exact_straight_through(h, codes)
+            out = straight_through(h, codes)
         if self.training:
             ind_valid = indices if row_mask is None else indices[row_mask]
             self.codebook.update(valid, ind_valid)

@@ -23,7 +23,7 @@ from ..ops import nearest_codeword
 from ._registry import register_quantizer
 from .base import Quantizer
 from .codebook import faiss_kmeans
-from .fsq import exact_straight_through
+from .gradients import straight_through
 from .vq import masked_mse
 
 __all__ = ["VQGANLCQuantizer"]
@@ -118,7 +118,7 @@ class VQGANLCQuantizer(Quantizer):
         weight = None if mask is None else mask.to(z.dtype)
         loss = (self.commitment_weight * masked_mse(z, codes.detach(), weight)
                 + self.projector_weight * masked_mse(z.detach(), codes, weight))
-        return exact_straight_through(z, codes), indices, loss
+        return straight_through(z, codes), indices, loss
 
     def _encode(self, z: Tensor) -> Tensor:
         return self._search(z)
