@@ -98,6 +98,7 @@ def test_residual_vq_matches_peer_in_eval(options):
 @pytest.mark.parametrize("name,options", [
     ("VectorQuantize", dict(dim=32, codebook_size=64, codebook_dim=8, commitment_weight=0.5)),
     ("ResidualVQ", dict(dim=32, codebook_size=64, num_quantizers=3, commitment_weight=0.5)),
+    ("LFQ", dict(dim=32, codebook_size=1024, commitment_loss_weight=0.25)),
 ])
 def test_training_loss_matches_peer(name, options):
     """One training step from the same weights: the same indices and the same total loss (the residual classes'
