@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit import VectorQuantizer, create_quantizer
@@ -45,6 +45,7 @@ def test_check_quantizer_contract(kw):
 # search
 
 
+@settings(max_examples=30)
 @given(n=st.integers(1, 40), k=st.integers(1, 50), heads=st.sampled_from([1, 2]),
        metric=st.sampled_from(["l2", "cosine"]), project=st.booleans(), seed=st.integers(0, 2**16))
 def test_indices_are_the_float64_nearest_codeword(n, k, heads, metric, project, seed):
@@ -220,6 +221,7 @@ def test_state_dict_round_trip_reproduces_indices_and_initialized_flag():
     assert torch.equal(fresh.eval()(x).indices, q.eval()(x).indices)
 
 
+@settings(max_examples=20)
 @given(seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_low_precision_inputs_give_float32_indices_outside_near_ties(seed, dtype):
     torch.manual_seed(seed)

@@ -151,9 +151,13 @@ def _tree_kmeans(xs, k: int, niter: int, seed: int, spherical: bool, max_points_
 
     if k <= max_flat_codes:
         return _flat_kmeans(xs, k, niter, seed, spherical, max_points_per_centroid)
+    branching = min(branching, k)
     coarse = _flat_kmeans(xs, branching, niter, seed, spherical, max_points_per_centroid)  # (branching, D)
-    assign = nearest_codeword(torch.from_numpy(xs), torch.from_numpy(coarse)).indices.numpy()  # (n,)
+    assign = nearest_codeword(torch.from_numpy(xs), torch.from_numpy(coarse),
+                              "cosine" if spherical else "l2").indices.numpy()  # (n,)
     members = [m for m in (np.flatnonzero(assign == g) for g in range(branching)) if len(m)]
+    if len(members) < 2:  # degenerate data (all rows alike): the tree would not shrink the problem
+        return _flat_kmeans(xs, k, niter, seed, spherical, max_points_per_centroid)
     shares = _split_codes([len(m) for m in members], k)
     return np.concatenate([_tree_kmeans(xs[m], kg, niter, seed + 1 + g, spherical, max_points_per_centroid,
                                         max_flat_codes, branching) for g, (m, kg) in enumerate(zip(members, shares))])
