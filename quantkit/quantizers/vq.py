@@ -37,7 +37,8 @@ _GRADIENTS = ("straight_through", "rotation")
 class Sampling:
     """Stochastic code choice in training: a code is drawn with probability softmax(-d / temperature) among the
     ``topk`` nearest (the rest of the codebook carries negligible mass at sensible temperatures, and restricting to
-    the top k keeps the search free of an N x K matrix). Eval always takes the nearest code."""
+    the top k keeps the search free of an N x K matrix). Eval always takes the nearest code.
+    Draws use the global torch RNG row by row, so a masked batch and its masked-in subset draw differently."""
 
     temperature: float = 1.0
     topk: int = 16
