@@ -133,7 +133,10 @@ def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int)
             score -= half_sq_norm
         elif metric == _COSINE:
             score *= inv_norm
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (n, k)
+        if k == 1:  # argmax returns the first maximum: ties go to the lowest index
+            order = score.argmax(dim=1, keepdim=True)  # (n, 1)
+        else:
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (n, k)
         indices[start:start + rows.shape[0]] = order
         distances[start:start + rows.shape[0]] = _codeword_distance(rows, cf[order], metric)
     return indices, distances.float() if acc == torch.float32 else distances
