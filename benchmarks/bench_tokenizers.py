@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stem", help="file name of the results (default tokenizers / tokenizers_quick)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    args.command = " ".join(sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join(sys.argv[1:] if argv is None else argv)
     args.steps = args.steps or (150 if args.quick else 1000)
     args.image_size = args.image_size or (16 if args.quick else 32)
     args.test_images = args.test_images or (256 if args.quick else 1024)
