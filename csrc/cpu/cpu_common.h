@@ -133,6 +133,16 @@ QK_INLINE void vstore(void* p, const T& v) {
   std::memcpy(p, &v, sizeof(T));
 }
 
+// True when any lane of an integer mask vector is set (portable: OR of its 64-bit words).
+template <class I>
+QK_INLINE bool any_lane(const I& mask) {
+  uint64_t words[sizeof(I) / 8];
+  std::memcpy(words, &mask, sizeof(I));
+  uint64_t acc = 0;
+  for (size_t i = 0; i < sizeof(I) / 8; ++i) acc |= words[i];
+  return acc != 0;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 64-byte aligned scratch (thread-local tiles; never sized by N x K).
 

@@ -195,6 +195,15 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
             score_block<S, Isa>(panel, tile + off * D, D, tile_bias + off, t.scale ? tile_scale + off : nullptr, D, acc);
           }
           if constexpr (TOP1) {
+            // Fast reject: after the first few blocks a row rarely improves, so test the block's per-lane max
+            // (max ops, off the FMA ports) and run the exact in-order compare/blend only when some lane would.
+            V top0 = acc[0][0], top1 = acc[0][1];
+#pragma GCC unroll 8
+            for (int j = 1; j < kJ; ++j) {
+              top0 = acc[j][0] > top0 ? acc[j][0] : top0;
+              top1 = acc[j][1] > top1 ? acc[j][1] : top1;
+            }
+            if (!any_lane<I>((top0 > b0) | (top1 > b1))) continue;
 #pragma GCC unroll 8
             for (int j = 0; j < kJ; ++j) {
               const I jv = I{} + Lane(j0 + j);
@@ -312,23 +321,26 @@ int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k,
   std::atomic<int> bad{0};
   if (N == 0) return kOk;
 
-  // Rows split into one contiguous chunk per thread; with fewer panels than threads, K is split into segments.
+  // Rows split into tasks of whole panels, about 8 per thread, handed out through an atomic counter (dynamic
+  // scheduling: a thread slowed by other load takes fewer tasks). With fewer panels than threads, K is split
+  // into segments instead, and each (rows, segment) task keeps its own top-k.
   const int64_t panels = (N + R - 1) / R;
-  const int64_t chunks = std::min(panels, threads);
   int64_t segments = panels >= threads ? 1 : (threads + panels - 1) / panels;
   segments = std::max<int64_t>(1, std::min(segments, K / std::max<int64_t>(512, k)));  // each holds >= k codes
-  const int64_t rows_per_chunk = (panels + chunks - 1) / chunks * R;
+  const int64_t rows_per_task = segments > 1 ? panels * R : std::max<int64_t>(1, panels / (8 * threads)) * R;
+  const int64_t row_tasks = (N + rows_per_task - 1) / rows_per_task;
   const int64_t codes_per_segment = (K + segments - 1) / segments;
   std::vector<S> seg_best(segments > 1 ? size_t(segments * N * k) : 0);
   std::vector<int64_t> seg_idx(seg_best.size());
+  std::atomic<int64_t> next_task{0};
 
-  parallel_for(0, chunks * segments, 1, [&](int64_t b, int64_t e) {
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Workspace<S> ws;
-    for (int64_t task = b; task < e; ++task) {
+    for (int64_t task = next_task.fetch_add(1); task < row_tasks * segments; task = next_task.fetch_add(1)) {
       const int64_t chunk = task / segments, seg = task % segments;
       Task<S> t{&z, &codebook, bias.data(), metric == kCosine ? scale.data() : nullptr, k, 0, 0, 0, 0,
                 nullptr, nullptr, &ws, &bad};
-      t.r0 = std::min(N, chunk * rows_per_chunk), t.r1 = std::min(N, t.r0 + rows_per_chunk);
+      t.r0 = std::min(N, chunk * rows_per_task), t.r1 = std::min(N, t.r0 + rows_per_task);
       t.c0 = std::min(K, seg * codes_per_segment), t.c1 = std::min(K, t.c0 + codes_per_segment);
       if (t.r0 >= t.r1 || t.c0 >= t.c1) continue;
       if (segments == 1) {
