@@ -24,48 +24,13 @@ import torch
 from quantkit.evaluation.classifier import ClassifierConfig, load_or_train_classifier
 from quantkit.evaluation.generation import evaluate_generator, reference_sets, sample_images
 from quantkit.generators import SamplingConfig, create_generator, make_generator
-from quantkit.generators.train import digits_recipe, load_generator, train_generator
+from quantkit.demo import TOKENIZER_OF, TOKENIZER_RECIPES, ensure_generator, ensure_tokenizer, plot_curves
+from quantkit.generators.train import load_generator
 
-# tokenizer recipes: 16x16 digits -> 8x8 grid (MaskGIT, PixelCNN), scales 1-2-4-8 (VAR), 4x4x3 residual (RQ)
-TOKENIZERS = {
-    "grid": dict(model="vqvae", model_config={"num_downsamples": 1, "embed_dim": 3, "hidden": 48}, quantizer="fsq",
-                 quantizer_kwargs={"levels": [4, 4, 4]}),
-    "ms": dict(model="vqvae", model_config={"num_downsamples": 1, "embed_dim": 8, "hidden": 48},
-               quantizer="multiscale_residual", quantizer_kwargs={"codebook_size": 64, "patch_nums": [1, 2, 4, 8]}),
-    "rq": dict(model="vqvae", model_config={"num_downsamples": 2, "embed_dim": 3, "hidden": 48}, quantizer="residual",
-               quantizer_kwargs={"quantizer": "fsq", "levels": [4, 4, 4], "depth": 3}),
-}
-TOKENIZER_OF = {"maskgit": "grid", "pixelcnn": "grid", "var": "ms", "rq_transformer": "rq"}
 
 
 def log(msg: str) -> None:
     print(f"[bench_generators] {msg}", file=sys.stderr, flush=True)
-
-
-def ensure_tokenizer(kind: str, out: Path, steps: int, given: str | None) -> str:
-    from quantkit.tokenizers.train import TrainConfig, train_tokenizer
-
-    if given:
-        return given
-    path = out / f"tokenizer_{kind}"
-    if not (path / "latest.json").is_file():
-        log(f"training tokenizer {kind} for {steps} steps")
-        train_tokenizer(TrainConfig(**TOKENIZERS[kind], data="digits", steps=steps, batch_size=64, lr=2e-3,
-                                    out_dir=str(path), checkpoint_every=steps, progress=False, eval_images=0))
-    return str(path)
-
-
-def ensure_generator(name: str, tokenizer: str, out: Path, steps: int) -> Path:
-    path = out / name
-    latest = path / "latest.json"
-    if latest.is_file() and json.loads(latest.read_text())["step"] >= steps:
-        return path
-    log(f"training {name} for {steps} steps")
-    result = train_generator(digits_recipe(name, tokenizer, str(path), steps, progress=False),
-                             resume=latest.is_file())
-    log(f"{name}: {result.num_parameters:,} parameters, final loss {result.metrics['loss']:.3f}, "
-        f"{result.seconds:.0f} s")
-    return path
 
 
 def matched_pixelcnn(model, vocab_size: int, token_shape, layers: int = 6):
@@ -97,7 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="generator training steps (default 1500, quick 20)")
     parser.add_argument("--tokenizer-steps", type=int, help="tokenizer training steps (default 600, quick 20)")
     parser.add_argument("--only", nargs="*", default=["maskgit", "var", "rq_transformer", "pixelcnn"])
-    for kind in TOKENIZERS:
+    for kind in TOKENIZER_RECIPES:
         parser.add_argument(f"--tokenizer-{kind}", help=f"use this trained '{kind}' tokenizer run")
     parser.add_argument("--guidance", type=float, nargs="*", help="evaluate at these guidance scales (default: "
                                                                    "each recipe's)")
@@ -115,7 +80,8 @@ def main() -> None:
     clf, clf_acc = load_or_train_classifier(out / "classifier", ClassifierConfig(epochs=2 if args.quick else 15))
     log(f"digit classifier test accuracy {clf_acc:.2%}")
     kinds = sorted({TOKENIZER_OF[n] for n in args.only})
-    tok_paths = {k: ensure_tokenizer(k, out, tok_steps, getattr(args, f"tokenizer_{k}")) for k in kinds}
+    tok_paths = {k: getattr(args, f"tokenizer_{k}") or ensure_tokenizer(k, out, tok_steps, progress=False)
+                 for k in kinds}
     tokenizers = {k: load_tokenizer(p) for k, p in tok_paths.items()}
     refs = {k: reference_sets(tokenizers[k], clf) for k in kinds}
     for k, r in refs.items():
@@ -125,7 +91,7 @@ def main() -> None:
     rows, samples, losses = [], {}, {}
     for name in args.only:
         kind = TOKENIZER_OF[name]
-        path = ensure_generator(name, tok_paths[kind], out, steps)
+        path = ensure_generator(name, tok_paths[kind], out, steps, progress=False)
         model, meta = load_generator(path)
         s = dict(meta["train_config"]["sampling"])
         gen_steps = s.pop("steps", None)
@@ -200,11 +166,6 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 def write_pictures(samples: dict, losses: dict, refs: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from quantkit.tokenizers.evaluate import save_image_grid
 
     first = next(iter(refs.values()))
@@ -212,15 +173,7 @@ def write_pictures(samples: dict, losses: dict, refs: dict, out: Path) -> None:
     real = real.reshape(10, 2, *real.shape[1:]).transpose(0, 1).reshape(20, *real.shape[1:])
     save_image_grid([real] + list(samples.values()), out / "samples.png")
     (out / "samples.txt").write_text("rows: real test digits, " + ", ".join(samples) + "; columns: classes 0-9 twice\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in losses.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=100)
-    plt.close(fig)
+    plot_curves(losses, "training loss", out / "losses.png")
 
 
 if __name__ == "__main__":
