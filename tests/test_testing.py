@@ -164,9 +164,18 @@ class ComputesInInputDtype(ToyVQ):
 
 
 class AutocastSearch(ToyVQ):
+    """Searches in reduced precision whenever its caller runs under autocast (the base class turns autocast off
+    inside _quantize, so this one remembers the caller's state)."""
+
+    _caller_autocast = False
+
+    def forward(self, x, mask=None):
+        self._caller_autocast = torch.is_autocast_enabled(x.device.type)
+        return super().forward(x, mask)
+
     def _encode(self, z):
-        distances = torch.cdist(z, self.codebook.detach())  # matmul-based: follows autocast
-        if torch.is_autocast_enabled(z.device.type):
+        distances = torch.cdist(z, self.codebook.detach())
+        if self._caller_autocast:
             distances = -distances  # stands in for a reduced-precision choice
         return distances.argmin(-1)
 
