@@ -29,7 +29,7 @@ import _common as C  # noqa: E402
 
 CASES = [(16384, 8, 16384), (16384, 32, 16384), (16384, 256, 16384), (65536, 8, 65536), (16384, 8, 100000),
          (4096, 768, 100000)]
-QUICK_CASES = [(4096, 8, 8192), (4096, 64, 4096), (1024, 256, 8192)]
+QUICK_CASES = [(4096, 8, 4096), (2048, 64, 4096), (1024, 256, 4096)]
 METHODS = {
     "faiss": "faiss IndexFlatL2 k=1",
     "quantkit": "quantkit nearest_codeword",
@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     methods = args.methods or list(METHODS) + (list(CUDA_METHODS) if torch.cuda.is_available() else [])
     stem = args.stem or ("nearest_cpu_quick" if args.quick else "nearest_cpu")
     cap = min(args.cap_gib, max(1.0, C.available_gib() - 2.0))
-    timing = dict(min_reps=3, max_reps=7, budget_s=1.0) if args.quick else dict(min_reps=5, max_reps=15, budget_s=4.0)
+    timing = dict(min_reps=3, max_reps=5, budget_s=0.5) if args.quick else dict(min_reps=3, max_reps=7, budget_s=2.0)
     script = os.path.abspath(__file__)
     base = {"threads": args.threads, "cap_gib": cap, **timing}
 
