@@ -1,5 +1,6 @@
 """Shared test configuration: hypothesis profiles and the `cuda` marker."""
 import os
+import sys
 
 import pytest
 import torch
@@ -24,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every quantizer shares Quantizer.forward, so compile tests across the session would exhaust dynamo's
+    per-code-object recompile limit (8) and fail under fullgraph=True; each test starts from a clean cache."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
