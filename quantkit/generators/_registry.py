@@ -7,35 +7,28 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-_REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {}
+from .._registry import Registry
+
+_GENERATORS = Registry("generator")
 
 
 def register_generator(name: str, example: dict[str, Any]) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name][0] is not cls:
-            raise ValueError(f"register_generator: {name!r} is already registered to {_REGISTRY[name][0].__name__}")
-        _REGISTRY[name] = (cls, dict(example))
-        cls.registry_name = name
-        return cls
-
-    return decorate
+    """Class decorator: registers a generator class under ``name`` with a tiny ``example`` config."""
+    return _GENERATORS.register(name, example)
 
 
 def list_generators() -> list[str]:
     """Registered generator names, sorted."""
-    return sorted(_REGISTRY)
+    return _GENERATORS.names()
 
 
 def generator_class(name: str) -> type:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown generator {name!r}; registered: {list_generators()}")
-    return _REGISTRY[name][0]
+    return _GENERATORS.get(name)
 
 
 def example_config(name: str) -> dict[str, Any]:
     """The tiny example configuration registered with ``name`` (a copy)."""
-    generator_class(name)
-    return dict(_REGISTRY[name][1])
+    return _GENERATORS.example(name)
 
 
 def create_generator(name: str, **kwargs: Any):

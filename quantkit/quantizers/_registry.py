@@ -1,4 +1,4 @@
-"""Name -> Quantizer class registry behind :func:`create_quantizer` and :func:`list_quantizers` (timm-style).
+"""The quantizer registry behind :func:`create_quantizer` and :func:`list_quantizers`.
 
 Every entry carries ``example``: small constructor keywords the test-suite and :func:`quantkit.testing.check_quantizer`
 use to build it, so a quantizer is tested the day it is registered.
@@ -7,39 +7,30 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-_REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {}
+from .._registry import Registry
+
+_QUANTIZERS = Registry("quantizer")
 
 
 def register_quantizer(name: str, example: dict[str, Any]) -> Callable[[type], type]:
     """Class decorator: registers ``cls`` under ``name`` with ``example`` keywords (they must include ``dim``)."""
     if "dim" not in example:
         raise ValueError(f"register_quantizer({name!r}): example keywords must include 'dim'")
-
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name][0] is not cls:
-            raise ValueError(f"register_quantizer: {name!r} is already registered to {_REGISTRY[name][0].__name__}")
-        _REGISTRY[name] = (cls, dict(example))
-        cls.registry_name = name
-        return cls
-
-    return decorate
+    return _QUANTIZERS.register(name, example)
 
 
 def list_quantizers() -> list[str]:
     """Registered quantizer names, sorted."""
-    return sorted(_REGISTRY)
+    return _QUANTIZERS.names()
 
 
 def quantizer_class(name: str) -> type:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown quantizer {name!r}; registered: {list_quantizers()}")
-    return _REGISTRY[name][0]
+    return _QUANTIZERS.get(name)
 
 
 def example_kwargs(name: str) -> dict[str, Any]:
     """The small example configuration registered with ``name`` (a copy)."""
-    quantizer_class(name)
-    return dict(_REGISTRY[name][1])
+    return _QUANTIZERS.example(name)
 
 
 def create_quantizer(name: str, **kwargs: Any):
