@@ -114,7 +114,7 @@ def entries(image_size: int) -> list[Entry]:
     out = [
         Entry("vq", "quantkit", quantizer="vq", kwargs=dict(codebook_size=CODES, kmeans_init=KMeansInit(),
                                                            dead_code=DeadCodeConfig())),
-        Entry("softvq", "quantkit", quantizer="softvq", kwargs=dict(codebook_size=CODES)),
+        Entry("softvq", "quantkit", quantizer="softvq", kwargs=dict(codebook_size=CODES, dead_code=DeadCodeConfig())),
         Entry("lfq", "quantkit", quantizer="lfq", kwargs=dict(codebook_size=CODES), dim=10),
         Entry("fsq", "quantkit", quantizer="fsq", kwargs=dict(levels=[8, 5, 5, 5]), dim=4),
         Entry("residual (vq x2)", "quantkit", quantizer="residual",
@@ -122,7 +122,8 @@ def entries(image_size: int) -> list[Entry]:
                           dead_code=DeadCodeConfig())),
         Entry("vqgan_lc", "quantkit", quantizer="vqgan_lc", kwargs=dict(codebook_size=CODES, feature_dim=32)),
         Entry("multiscale_residual", "quantkit", quantizer="multiscale_residual",
-              kwargs=dict(codebook_size=CODES, patch_nums=[p for p in (1, 2, 4, 8, 16) if p < grid] + [grid])),
+              kwargs=dict(codebook_size=CODES, patch_nums=[p for p in (1, 2, 4, 8, 16) if p < grid] + [grid],
+                          dead_code=DeadCodeConfig())),
         Entry("peer VectorQuantize", "peer", peer=lambda: PeerQuantizer(
             "VectorQuantize", DIM, codebook_size=CODES, kmeans_init=True, threshold_ema_dead_code=2)),
         Entry("peer FSQ", "peer", dim=4, peer=lambda: PeerQuantizer("FSQ", 4, levels=[8, 5, 5, 5])),

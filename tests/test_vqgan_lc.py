@@ -76,3 +76,47 @@ def test_100k_code_codebook_from_features():
     assert q.features_codebook.shape == (100_000, 32)
     out = q(torch.randn(256, 8))
     assert out.indices.max() < 100_000 and out.loss.isfinite()
+
+
+def _lc_utilization(init_from_data: bool) -> float:
+    torch.manual_seed(0)
+    q = VQGANLCQuantizer(8, 256, 16, init_from_data=init_from_data)
+    z = 8.0 + torch.randn(2048, 8)  # latents whose centre and spread a random projector knows nothing of
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    q.train()
+    for _ in range(3):
+        out = q(z)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    q.eval()
+    return q.encode(z).unique().numel() / q.codebook_size
+
+
+def test_projector_fitted_to_the_latents_keeps_the_projected_codebook_in_use():
+    # a random projector puts E' far from (or much smaller than) the latents: one code wins every row (the collapse)
+    assert _lc_utilization(init_from_data=False) < 0.1
+    assert _lc_utilization(init_from_data=True) > 0.5
+
+
+def test_projector_init_matches_latent_statistics_once_and_not_in_eval():
+    torch.manual_seed(1)
+    q = VQGANLCQuantizer(8, 128, 16)
+    z = -2.0 + 0.5 * torch.randn(512, 8)
+    q.eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q(z)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # eval changes nothing
+    q.train()
+    q(z)
+    e = q.projected_codebook().detach()
+    torch.testing.assert_close(e.mean(0), z.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(e.std(0), z.std(0), atol=1e-4, rtol=1e-4)
+    weight = q.projector.weight.detach().clone()
+    q(3.0 * z)  # only the first training batch initializes
+    assert torch.equal(weight, q.projector.weight)
+    # checkpoints without the flag load as initialized
+    state = {k: v for k, v in q.state_dict().items() if k != "initialized"}
+    fresh = VQGANLCQuantizer(8, 128, 16)
+    fresh.load_state_dict(state)
+    assert bool(fresh.initialized)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ..ops import nearest_codeword
 
-__all__ = ["EMAConfig", "DeadCodeConfig", "KMeansInit", "Codebook", "faiss_kmeans"]
+__all__ = ["EMAConfig", "DeadCodeConfig", "KMeansInit", "Codebook", "faiss_kmeans", "revive_dead_codes",
+           "track_usage_and_revive", "default_revival_state"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +234,55 @@ def _generator(*seeds: int) -> torch.Generator:
 # the codebook
 
 
+@torch.no_grad()
+def revive_dead_codes(weight: Tensor, usage: Tensor, z: Tensor, cfg: DeadCodeConfig, step: int,
+                      metric: str = "l2", embed_sum: Tensor | None = None) -> Tensor:
+    """Dead-code revival shared by every learned codebook: codes of ``weight`` (K, D) whose EMA ``usage`` (K,)
+    is below ``cfg.threshold`` (least used first) are replaced in place by distinct rows of z (n, D), pooled over
+    ranks with generators seeded by (cfg.seed, step), so every rank revives identically. Revived codes restart
+    at ``cfg.reset_usage`` (default: the threshold); ``embed_sum`` (EMA training) is reset consistently.
+    Returns the revived code indices."""
+    dead = torch.nonzero(usage < cfg.threshold).reshape(-1)  # (m,), same on every rank
+    if dead.numel() == 0:
+        return dead[:0]
+    dead = dead[torch.argsort(usage[dead], stable=True)]
+    m = dead.numel()
+    world, rank = _world()
+    local = torch.randperm(z.shape[0], generator=_generator(cfg.seed, step, rank))[:m].to(z.device)
+    pool = _all_gather_rows(z[local].to(usage.dtype), m)  # (p, D), p <= world * m
+    if pool.shape[0] == 0:
+        return dead[:0]
+    pick = torch.randperm(pool.shape[0], generator=_generator(cfg.seed, step, -1))[:m].to(z.device)
+    chosen, revived = pool[pick], dead[:pick.numel()]
+    if metric == "cosine":
+        chosen = F.normalize(chosen, dim=-1)
+    reset = cfg.threshold if cfg.reset_usage is None else cfg.reset_usage
+    weight[revived] = chosen.to(weight.dtype)
+    usage[revived] = reset
+    if embed_sum is not None:
+        embed_sum[revived] = (chosen * reset).to(embed_sum.dtype)
+    return revived
+
+
+@torch.no_grad()
+def track_usage_and_revive(weight: Tensor, usage: Tensor, steps: Tensor, z: Tensor, indices: Tensor,
+                           cfg: DeadCodeConfig, metric: str = "l2") -> None:
+    """One training step of a gradient-trained codebook outside :class:`Codebook`: EMA ``usage`` (K,) of this
+    step's ``indices`` (n,) (all ranks), revival of the dead codes of ``weight`` (K, D) from z (n, D), ``steps``
+    (0-dim int64) advanced. Everything is updated in place."""
+    counts = torch.zeros_like(usage).index_add_(0, indices, torch.ones_like(indices, dtype=usage.dtype))
+    usage.lerp_(_all_reduce_(counts), 1.0 - cfg.decay)
+    revive_dead_codes(weight, usage, z.detach().to(usage.dtype), cfg, int(steps), metric)
+    steps += 1
+
+
+def default_revival_state(state_dict: dict, prefix: str, usage: Tensor, steps: Tensor) -> None:
+    """For ``_load_from_state_dict``: a checkpoint without the revival state (written before it existed, or
+    imported) loads with fresh counters."""
+    state_dict.setdefault(prefix + "usage", torch.ones_like(usage))
+    state_dict.setdefault(prefix + "steps", torch.zeros_like(steps))
+
+
 class Codebook(nn.Module):
     """K codes of size D with their training state. The quantizer searches ``search_weight()`` and gathers codes
     with ``lookup``; in training it calls ``prepare`` (k-means) before the search and ``update`` after it.
@@ -346,27 +396,8 @@ class Codebook(nn.Module):
 
     def _revive(self, z: Tensor) -> None:
         """Replaces codes with usage < threshold (least used first) by distinct rows of z, pooled over ranks."""
-        cfg = self.dead_code
-        dead = torch.nonzero(self.usage < cfg.threshold).reshape(-1)  # (m,), same on every rank
-        if dead.numel() == 0:
-            return
-        dead = dead[torch.argsort(self.usage[dead], stable=True)]
-        m = dead.numel()
-        world, rank = _world()
-        step = int(self.steps)
-        local = torch.randperm(z.shape[0], generator=_generator(cfg.seed, step, rank))[:m].to(z.device)
-        pool = _all_gather_rows(z[local], m)  # (p, D), p <= world * m
-        if pool.shape[0] == 0:
-            return
-        pick = torch.randperm(pool.shape[0], generator=_generator(cfg.seed, step, -1))[:m].to(z.device)
-        chosen, revived = pool[pick], dead[:pick.numel()]
-        if self.metric == "cosine":
-            chosen = F.normalize(chosen, dim=-1)
-        reset = cfg.threshold if cfg.reset_usage is None else cfg.reset_usage
-        self.weight.data[revived] = chosen.to(self.weight.dtype)
-        self.usage[revived] = reset
-        if self.ema is not None:
-            self.embed_sum[revived] = chosen * reset
+        revive_dead_codes(self.weight.data, self.usage, z, self.dead_code, int(self.steps), self.metric,
+                          self.embed_sum if self.ema is not None else None)
 
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, dim={self.dim}, metric={self.metric!r}, ema={self.ema}, "

@@ -14,6 +14,13 @@ scales' token maps flattened and concatenated coarse to fine; ``encode_scales`` 
 phi_k(h) = (1 - ratio) h + ratio conv_k(h) with ratio 0.5 and 4 convolutions shared across scales (scale k uses the
 one whose tick in linspace(1/12, 11/12, 4) is nearest to k / (K - 1)), as in VAR. Loss (VAR): mean over scales of
 beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2, beta 0.25; the output is f_hat with a straight-through gradient.
+
+Dead-code revival (``dead_code=DeadCodeConfig()``; off by default, as for VectorQuantizer, so that a
+training forward changes no state unless asked): the shared codebook is trained by gradient, and only the codes
+some residual picks get one, so codes that start (or drift) away from the residuals are never picked again and the
+vocabulary collapses to a handful of codes. Each training step counts the codes picked over all scales into an
+EMA ``usage`` and replaces the codes below the threshold by residual rows of this step, through the shared
+:func:`quantkit.quantizers.codebook.revive_dead_codes` (identical on every rank).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from torch import Tensor, nn
 from ..ops import nearest_codeword
 from ._registry import register_quantizer
 from .base import Quantizer, QuantizerOutput, _compute_dtype, batch_usage_stats
+from .codebook import DeadCodeConfig, default_revival_state, track_usage_and_revive
 from .gradients import straight_through
 
 __all__ = ["MultiScaleResidualQuantizer"]
@@ -55,13 +63,21 @@ class MultiScaleResidualQuantizer(Quantizer):
             (1, 2, 3, 4, 5, 6, 8, 10, 13, 16).
         beta: commitment weight. phi_ratio: weight of the refinement conv (0 disables phi).
         num_phi: number of refinement convs shared across scales (VAR: 4); None gives one per scale.
+        dead_code: revival of codes whose EMA usage (picks per step, all scales) falls below the threshold, from
+            this step's residual rows; None (default) disables it. Turn it on
+            when training from scratch: without it the codebook collapses to a few codes.
     """
 
     identity_gradient = True  # the output is f_hat with a straight-through gradient
 
     def __init__(self, dim: int, codebook_size: int, patch_nums: Sequence[int | tuple[int, int]] = (1, 2, 3, 4),
-                 beta: float = 0.25, phi_ratio: float = 0.5, num_phi: int | None = 4):
+                 beta: float = 0.25, phi_ratio: float = 0.5, num_phi: int | None = 4,
+                 dead_code: DeadCodeConfig | None = None):
         super().__init__(dim, codebook_size, channel_first=True)
+        if dead_code is not None and not isinstance(dead_code, DeadCodeConfig):
+            raise ValueError(f"MultiScaleResidualQuantizer: dead_code must be a DeadCodeConfig or None, "
+                             f"got {type(dead_code).__name__}")
+        self.dead_code = dead_code
         self.sizes = _sizes(patch_nums)
         if not 0.0 <= phi_ratio <= 1.0:
             raise ValueError(f"MultiScaleResidualQuantizer: phi_ratio must lie in [0, 1], got {phi_ratio!r}")
@@ -72,6 +88,8 @@ class MultiScaleResidualQuantizer(Quantizer):
         self.beta = float(beta)
         self.phi_ratio = float(phi_ratio) if n > 0 else 0.0
         self.codebook = nn.Parameter(torch.randn(codebook_size, dim) / math.sqrt(dim))  # (V, C)
+        self.register_buffer("usage", torch.ones(codebook_size))  # EMA picks per step (dead-code revival)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training steps; seeds revival
         self.phi = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(n if self.phi_ratio else 0))
         num_scales = len(self.sizes)
         if len(self.phi) == 0:
@@ -128,22 +146,25 @@ class MultiScaleResidualQuantizer(Quantizer):
                 emb = F.interpolate(emb, size=self.sizes[-1], mode="bicubic")
             return self._refine(k, emb)
 
-    def _assign(self, k: int, rest: Tensor) -> Tensor:
-        """Residual (B, C, H, W) -> scale k's token map (B, h_k, w_k) of nearest codes."""
+    def _assign(self, k: int, rest: Tensor, rows_out: list | None = None) -> Tensor:
+        """Residual (B, C, H, W) -> scale k's token map (B, h_k, w_k) of nearest codes (the searched rows
+        (B, h_k w_k, C) are appended to ``rows_out`` when given)."""
         with torch.autocast(rest.device.type, enabled=False):
             if k < self.num_scales - 1:
                 rest = F.interpolate(rest, size=self.sizes[k], mode="area")
             b, c, h, w = rest.shape
             rows = rest.permute(0, 2, 3, 1).reshape(-1, c)  # (B h_k w_k, C)
+            if rows_out is not None:
+                rows_out.append(rows.view(b, h * w, c))
             return nearest_codeword(rows, self.codebook.detach().to(rows.dtype)).indices.view(b, h, w)
 
-    def _residual_pass(self, f: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def _residual_pass(self, f: Tensor, rows_out: list | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """f (B, C, H, W) -> (token maps per scale, f_hat after every scale (with graph to codebook and phi))."""
         rest = f.detach()
         f_hat = torch.zeros_like(rest)
         maps, f_hats = [], []
         for k in range(self.num_scales):
-            idx = self._assign(k, rest)
+            idx = self._assign(k, rest, rows_out)
             h = self._contribution(k, idx, f.dtype)
             f_hat = f_hat + h
             rest = rest - h.detach()
@@ -172,8 +193,11 @@ class MultiScaleResidualQuantizer(Quantizer):
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0],)):
             raise ValueError(f"MultiScaleResidualQuantizer: mask must be a bool tensor of shape ({x.shape[0]},) "
                              f"(one flag per map), got {mask.dtype} of shape {tuple(mask.shape)}")
-        maps, f_hats = self._residual_pass(f)
+        rows: list[Tensor] | None = [] if self.training and self.dead_code is not None else None
+        maps, f_hats = self._residual_pass(f, rows)
         indices = torch.cat([m.flatten(1) for m in maps], dim=1)  # (B, L)
+        if rows is not None:
+            self._update_usage(torch.cat(rows, dim=1), indices, mask)
         target = f if mask is None else f[mask]
         loss = f.new_zeros(())
         if target.shape[0]:
@@ -184,6 +208,21 @@ class MultiScaleResidualQuantizer(Quantizer):
         quantized = straight_through(f, f_hats[-1])  # value f_hat, identity gradient to x
         used = indices if mask is None else indices[mask]
         return QuantizerOutput(quantized.to(x.dtype), indices, loss.float(), batch_usage_stats(used, self.codebook_size))
+
+    @torch.no_grad()
+    def _update_usage(self, rows: Tensor, indices: Tensor, mask: Tensor | None) -> None:
+        """One training step: EMA usage from the picked codes (B, L) (masked-in maps only), then revival of the
+        dead codes from the searched residual rows (B, L, C)."""
+        if mask is not None:
+            rows, indices = rows[mask], indices[mask]
+        rows, indices = rows.reshape(-1, self.dim).float(), indices.reshape(-1)
+        track_usage_and_revive(self.codebook.data, self.usage, self.steps, rows, indices, self.dead_code)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        default_revival_state(state_dict, prefix, self.usage, self.steps)  # VAR's checkpoints have none
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def encode_scales(self, x: Tensor) -> list[Tensor]:

@@ -10,6 +10,13 @@ utilization at 100k codes), instead of a few codes drifting towards the encoder 
 Loss (the paper's): ``commitment_weight * ||z - sg(q)||^2 + projector_weight * ||sg(z) - q||^2``, q = P(E[i]); the
 second term is what trains P.
 
+Projector initialization from data (``init_from_data``, default on): a random P maps E to a cloud whose centre and
+spread have nothing to do with the encoder's latents; when that cloud is far from them or much smaller, one
+projected code is the nearest for every latent, only that row gets the projector gradient, and the codebook
+collapses to one code. So, as the paper's projector is meant to do, the first training batch fits P to the
+latent statistics: per latent dimension, P is rescaled so the projected codebook has the latents' standard
+deviation and its bias set so it has their mean (an affine map of P, so E' stays a linear image of E).
+
 The one idea to hold: the token id is a row of the frozen feature codebook; the projected codebook is recomputed
 from P on every forward (K x F x dim, cheap), searched with ``nearest_codeword``, and only the chosen rows are
 projected again with gradient, so nothing of size N x K is built.
@@ -22,7 +29,7 @@ from torch import Tensor, nn
 from ..ops import nearest_codeword
 from ._registry import register_quantizer
 from .base import Quantizer
-from .codebook import faiss_kmeans
+from .codebook import _all_reduce_, faiss_kmeans
 from .gradients import straight_through
 from .vq import masked_mse
 
@@ -42,12 +49,15 @@ class VQGANLCQuantizer(Quantizer):
         commitment_weight: weight of the encoder term (paper: 1.0).
         projector_weight: weight of the term that trains the projector (paper: 0.33).
         seed: seed of the random codebook when ``features_codebook`` is None.
+        init_from_data: on the first training batch, fit the projector so the projected codebook has the
+            latents' per-dimension mean and standard deviation (see the module docstring).
         channel_first: x is (B, dim, *spatial).
     """
 
     def __init__(self, dim: int, codebook_size: int, feature_dim: int | None = None, *,
                  features_codebook: Tensor | None = None, commitment_weight: float = 1.0,
-                 projector_weight: float = 0.33, seed: int = 0, channel_first: bool = False):
+                 projector_weight: float = 0.33, seed: int = 0, init_from_data: bool = True,
+                 channel_first: bool = False):
         super().__init__(dim, codebook_size, channel_first)
         if features_codebook is not None:
             if not isinstance(features_codebook, Tensor) or features_codebook.dim() != 2 \
@@ -75,6 +85,33 @@ class VQGANLCQuantizer(Quantizer):
         self.projector = nn.Linear(feature_dim, dim)
         nn.init.normal_(self.projector.weight, std=dim ** -0.5)  # the paper's init
         nn.init.zeros_(self.projector.bias)
+        # True once the projector matches the latent statistics (or when that is not wanted)
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before ``initialized`` existed hold a trained projector: mark it initialized
+        state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def _init_projector(self, z: Tensor) -> None:
+        """Affine refit of P so that P(E) has the per-dimension mean and std of the latents z (n, dim)."""
+        z = z.detach().double()  # float64 sums: the variance is a difference of two of them
+        # count, sum and sum of squares over every rank, so the projector is the same on all of them
+        stats = _all_reduce_(torch.cat([z.new_tensor([z.shape[0]]), z.sum(0), z.square().sum(0)]))
+        n, total, total_sq = stats[0], stats[1:1 + self.dim], stats[1 + self.dim:]
+        if float(n) < 2:
+            return
+        z_mean = total / n
+        z_std = ((total_sq - n * z_mean.square()).clamp_min(0) / (n - 1)).sqrt()
+        z_mean, z_std = z_mean.float(), z_std.float()
+        projected = self.projected_codebook().float()  # (K, dim)
+        scale = z_std / projected.std(0).clamp_min(1e-12)  # (dim,)
+        self.projector.weight.mul_(scale[:, None].to(self.projector.weight.dtype))
+        self.projector.bias.copy_(z_mean - (projected.mean(0) - self.projector.bias.float()) * scale)
+        self.initialized.fill_(True)
 
     @classmethod
     def from_features(cls, features: Tensor, codebook_size: int, dim: int, *, niter: int = 10, seed: int = 0,
@@ -113,6 +150,8 @@ class VQGANLCQuantizer(Quantizer):
         return nearest_codeword(z.detach(), codebook).indices  # (N,)
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._init_projector(z if mask is None else z[mask])
         indices = self._search(z)  # (N,)
         codes = self._decode(indices).to(z.dtype)  # (N, dim), gradient to the projector only
         weight = None if mask is None else mask.to(z.dtype)
