@@ -42,7 +42,7 @@ class Budget:
     classifier_epochs: int
 
 
-BUDGETS = {"full": Budget(tokenizer_steps=600, generator_steps=1000, classifier_epochs=10),
+BUDGETS = {"full": Budget(tokenizer_steps=600, generator_steps=500, classifier_epochs=10),
            "quick": Budget(tokenizer_steps=10, generator_steps=10, classifier_epochs=1)}
 
 
