@@ -122,7 +122,10 @@ class TokenGenerator(nn.Module):
     # what subclasses implement
 
     def loss(self, ids, labels: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Teacher-forced cross-entropy of every token (autoregressive models); label dropout for guidance."""
+        ids = self.check_ids(ids)
+        logits = self(ids, self.drop_labels(labels))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size), ids.reshape(-1))
 
     def generate(self, labels, steps: int | None = None, sampling=None, generator: torch.Generator | None = None):
         raise NotImplementedError

@@ -97,11 +97,6 @@ class PixelCNNPrior(TokenGenerator):
             v, h = layer(v, h, labels)
         return self.head(h).permute(0, 2, 3, 1)
 
-    def loss(self, ids: Tensor, labels: Tensor) -> Tensor:
-        ids = self.check_ids(ids)
-        logits = self(ids, self.drop_labels(labels))
-        return F.cross_entropy(logits.reshape(-1, self.vocab_size), ids.reshape(-1))
-
     @torch.no_grad()
     def generate(self, labels, steps: int | None = None, sampling: SamplingConfig | None = None,
                  generator: torch.Generator | None = None) -> Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import GeneratorConfig, TokenGenerator
@@ -78,11 +77,6 @@ class RQTransformer(TokenGenerator):
         z = self._depth_inputs(h.reshape(B * self.T, -1), codes.reshape(B * self.T, self.D))
         logits = self.head(self.depth(z, mask=self.mask_d))  # (B*T, D, V)
         return logits.reshape(B, *self.cfg.token_shape, self.vocab_size)
-
-    def loss(self, ids: Tensor, labels: Tensor) -> Tensor:
-        ids = self.check_ids(ids)
-        logits = self(ids, self.drop_labels(labels))
-        return F.cross_entropy(logits.reshape(-1, self.vocab_size), ids.reshape(-1))
 
     @torch.no_grad()
     def generate(self, labels, steps: int | None = None, sampling: SamplingConfig | None = None,
