@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..tokenizers.train import (_atomic_write_text, _lr_at, _setup_distributed, _step_seed, _truncate_metrics,
+from ..tokenizers.train import (RunConfig, _atomic_write_text, _lr_at, _setup_distributed, _step_seed, _truncate_metrics,
                                 load_weights, read_metrics)
 from ._base import TokenGenerator
 from ._registry import create_generator, generator_class
@@ -40,7 +40,7 @@ __all__ = ["DIGITS_RECIPES", "GeneratorTrainConfig", "digits_recipe", "Generator
 
 
 @dataclass
-class GeneratorTrainConfig:
+class GeneratorTrainConfig(RunConfig):
     """Everything a generator run depends on (saved in every checkpoint's config.json).
 
     tokenizer: a trained quantkit tokenizer (run folder or checkpoint folder). model_config: overrides of the
@@ -69,28 +69,11 @@ class GeneratorTrainConfig:
     sampling: dict[str, Any] = field(default_factory=dict)  # defaults for `quantkit sample`: steps, guidance, ...
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GeneratorTrainConfig.{name} must be a positive int, got {value!r}")
+        self._check_loop_fields()
         if not self.tokenizer:
             raise ValueError("GeneratorTrainConfig.tokenizer: give the run folder of a trained quantkit tokenizer "
                              "(quantkit train-tokenizer --out DIR)")
         generator_class(self.generator)  # unknown name -> clear error now, not after tokenizing
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GeneratorTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"GeneratorTrainConfig: unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass

@@ -43,8 +43,37 @@ FORMAT = "quantkit-tokenizer"
 FORMAT_VERSION = 1
 
 
+class RunConfig:
+    """What the tokenizer and generator training configs share: JSON round trip and the loop's common checks."""
+
+    def _check_loop_fields(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a training run depends on (saved in every checkpoint's config.json).
 
     model_config: overrides of the tokenizer's config (e.g. {"embed_dim": 4, "ch": 64}); quantizer /
@@ -83,31 +112,10 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.gan, dict):
             self.gan = GANLossConfig(**self.gan)
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        self._check_loop_fields()
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"TrainConfig.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
 
 @dataclass
