@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..tokenizers.train import (RunConfig, _atomic_write_text, _lr_at, _setup_distributed, _step_seed, _truncate_metrics,
                                 load_weights, read_metrics)
+from ..tokenizers.train import resolve_checkpoint as _resolve_checkpoint  # shared; this module's names "generator"
 from ._base import TokenGenerator
 from ._registry import create_generator, generator_class
 
@@ -218,13 +219,8 @@ def save_checkpoint(out_dir: Path, step: int, model: TokenGenerator, config: Gen
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if (path / "latest.json").is_file():
-        return path / json.loads((path / "latest.json").read_text())["checkpoint"]
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(f"{str(path)!r} is neither a generator run folder (with latest.json) nor a generator "
-                            f"checkpoint folder (with config.json and model.safetensors)")
+    """A generator run folder (its latest checkpoint) or checkpoint folder -> the checkpoint folder."""
+    return _resolve_checkpoint(path, kind="generator")
 
 
 def load_generator(path: str | os.PathLike, map_location: str = "cpu") -> tuple[TokenGenerator, dict[str, Any]]:

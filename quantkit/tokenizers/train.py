@@ -191,14 +191,15 @@ def save_checkpoint(out_dir: Path, step: int, tokenizer: Tokenizer, train_config
     return final
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+def resolve_checkpoint(path: str | os.PathLike, kind: str = "tokenizer") -> Path:
+    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder (``kind`` names what
+    was trained, for the error message)."""
     path = Path(path)
     if (path / "latest.json").is_file():
         return path / json.loads((path / "latest.json").read_text())["checkpoint"]
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
-    raise FileNotFoundError(f"{str(path)!r} is neither a training run folder (with latest.json) nor a tokenizer "
+    raise FileNotFoundError(f"{str(path)!r} is neither a {kind} run folder (with latest.json) nor a {kind} "
                             f"checkpoint folder (with config.json and model.safetensors)")
 
 
