@@ -125,3 +125,58 @@ def test_registry_and_compiled_eval_forward_matches_eager():
     eager, comp = q(x), compiled(x)
     assert torch.equal(comp.indices, eager.indices)
     torch.testing.assert_close(comp.quantized, eager.quantized)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# noise substitution (noise_dropout): training only, never changes a code choice, one step of uniform noise
+
+
+def _grid_codes(q: FSQ, x: torch.Tensor) -> torch.Tensor:
+    return q.eval()(x).quantized
+
+
+def test_noise_dropout_zero_is_plain_fsq_in_training():
+    x = torch.randn(64, 4) * 2
+    plain, noisy_off = FSQ([8, 5, 5, 5]).train(), FSQ([8, 5, 5, 5], noise_dropout=0.0).train()
+    assert torch.equal(plain(x).quantized, noisy_off(x).quantized)
+
+
+def test_full_noise_moves_every_code_by_at_most_half_a_step_and_keeps_the_indices():
+    q = FSQ([8, 5, 5, 5], noise_dropout=1.0)
+    x = torch.randn(512, 4) * 2
+    torch.manual_seed(0)
+    train = q.train()(x)
+    rounded = _grid_codes(q, x)
+    half = torch.tensor(q.levels) // 2  # codes are grid integers / (L // 2)
+    bounded = q.bound(x) / half
+    assert torch.equal(train.indices, q.encode(x))  # the index is the rounded value's
+    err = (train.quantized - bounded) * half  # in grid steps
+    assert float(err.abs().max()) <= 0.5 + 1e-6
+    assert float(err.std()) > 0.2  # roughly U(-1/2, 1/2): std 0.29; plain rounding would give |err| = 0 nowhere
+    assert float((train.quantized != rounded).float().mean()) > 0.99
+
+
+def test_noise_dropout_substitutes_about_its_share_and_eval_always_rounds():
+    q = FSQ([8, 5, 5, 5], noise_dropout=0.3)
+    x = torch.randn(4096, 4) * 2
+    torch.manual_seed(0)
+    share = float((q.train()(x).quantized != _grid_codes(q, x)).float().mean())
+    assert abs(share - 0.3) < 0.03
+    out = q.eval()(x)
+    assert torch.equal(q.decode(out.indices), out.quantized)  # eval round trip, as without noise
+
+
+def test_noise_keeps_the_bound_gradient():
+    x = (torch.randn(256, 4) * 2).requires_grad_()
+    grads = []
+    for p in (0.0, 1.0):
+        q = FSQ([8, 5, 5, 5], noise_dropout=p).train()
+        (g,) = torch.autograd.grad(q(x).quantized.sum(), x)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, True, "0.5", float("nan")])
+def test_bad_noise_dropout_raises_naming_it(p):
+    with pytest.raises(ValueError, match="noise_dropout"):
+        FSQ([5, 5], noise_dropout=p)

@@ -8,6 +8,16 @@ The one idea to hold: bound, then round. bound(z) = tanh(z + shift) * half_l - o
 holds exactly L integers (offset 0.5 for even L, so the grid is {-L/2, ..., L/2 - 1}); rounding it picks one, and the
 code is that integer divided by L // 2 (values in [-1, 1]). Gradients pass the rounding straight through and keep
 the bound's derivative.
+
+Optional noise substitution (``noise_dropout=p``, off by default, training only): each element's rounding is
+replaced, with probability p, by the bounded value plus noise uniform over one quantization step, U(-1/2, 1/2) in
+grid units -- the additive-noise proxy of quantization from learned compression (Balle et al. 2017,
+arXiv:1611.01704), applied to FSQ with a dropout-style probability as in Parker et al. 2024 (arXiv:2411.19842,
+sec. 3.2). Why it matters: straight-through rounding hands the encoder the gradient of an identity, so nothing
+rewards it for spreading its outputs over the grid's cells, and a small encoder leaves most of the grid unused;
+under noise, sub-step detail is destroyed, so information only survives in where a value sits on the grid. The index
+is always the rounded value's (noise never changes a code choice) and eval always rounds, so the codebook, encode and
+decode are FSQ's exactly.
 """
 from __future__ import annotations
 
@@ -52,14 +62,20 @@ class FSQ(Quantizer):
             small around 0, so prefer levels >= 3.
         dim: input size; learned linear projections map dim <-> len(levels) when they differ (default len(levels)).
         channel_first: x is (B, dim, *spatial).
+        noise_dropout: probability in [0, 1] that an element's rounding is replaced by uniform noise of one step in
+            training (see the module docstring); 0 (default) is the FSQ paper's straight-through rounding.
 
     No loss (always zero) and no state besides the optional projections.
     """
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
-                 projection_bias: bool = True):
+                 projection_bias: bool = True, noise_dropout: float = 0.0):
         levels = _check_levels(levels)
+        if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) \
+                or not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"FSQ: noise_dropout must be a probability in [0, 1], got {noise_dropout!r}")
         super().__init__(len(levels) if dim is None else dim, math.prod(levels), channel_first)
+        self.noise_dropout = float(noise_dropout)
         self.levels_list = levels
         self._basis_list = [math.prod(levels[:i]) for i in range(len(levels))]  # mixed-radix place values
         self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
@@ -85,14 +101,19 @@ class FSQ(Quantizer):
         offset = (1 - levels % 2).to(z.dtype) / 2  # 0.5 for even levels
         return torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
 
-    def _round(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Projected rows (N, d) -> (codes (N, d) with straight-through rounding, level digits (N, d) int64)."""
+    def _round(self, z: Tensor, noise: bool = False) -> tuple[Tensor, Tensor]:
+        """Projected rows (N, d) -> (codes (N, d) with straight-through rounding, level digits (N, d) int64).
+        With ``noise``, a ``noise_dropout`` share of the codes is the bounded value plus U(-1/2, 1/2) instead."""
         b = self.bound(z)
         levels = self._levels_like(z)
         low = -(levels // 2)  # (d,) smallest integer on the grid
         integer = torch.maximum(torch.minimum(b.detach().round(), (low + levels - 1).to(b.dtype)),
                                 low.to(b.dtype))  # clamp guards the grid's edges against the (1 + eps) bound
-        codes = straight_through(b, integer) / (levels // 2).to(b.dtype)
+        rounded = straight_through(b, integer)  # (N, d) grid integers, gradient of b
+        if noise and self.noise_dropout > 0:
+            substitute = torch.rand_like(b) < self.noise_dropout  # (N, d) elements that get noise instead
+            rounded = torch.where(substitute, b + (torch.rand_like(b) - 0.5), rounded)
+        codes = rounded / (levels // 2).to(b.dtype)
         return codes, integer.long() - low
 
     def digits_to_indices(self, digits: Tensor) -> Tensor:
@@ -116,7 +137,7 @@ class FSQ(Quantizer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        codes, digits = self._round(self.project_in(z))  # (N, d)
+        codes, digits = self._round(self.project_in(z), noise=self.training)  # (N, d)
         return self.project_out(codes), self.digits_to_indices(digits), z.new_zeros(())
 
     def _encode(self, z: Tensor) -> Tensor:
@@ -126,7 +147,8 @@ class FSQ(Quantizer):
         return self.project_out(self.indices_to_codes(indices))
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, " + super().extra_repr()
+        noise = f", noise_dropout={self.noise_dropout}" if self.noise_dropout else ""
+        return f"levels={self.levels}{noise}, " + super().extra_repr()
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:
