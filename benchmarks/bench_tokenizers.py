@@ -185,7 +185,7 @@ def train_one(entry: Entry, train_set, test_set, args) -> tuple[dict[str, Any], 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step_times.append(time.perf_counter() - t0)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise RuntimeError(f"{entry.name}: loss became {float(loss)} at step {step}")
     report = evaluate_tokenizer(tok.eval(), test_set, batch_size=64)
     report["train_utilization"] = train_utilization(tok, train_set, args.test_images)
@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     train_set = PatchesDataset("train", args.image_size, seed=args.seed)
     test_set = PatchesDataset("test", args.image_size, length=args.test_images, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.stem or ("tokenizers_quick" if args.quick else "tokenizers")
     rows, recons = [], []
     todo = [e for e in entries(args.image_size) if not args.only or e.name in args.only]
     for entry in todo:
@@ -291,15 +294,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.time() - t0:6.1f}s] {entry.model:6s} {entry.name:22s} PSNR {report['psnr']:6.2f}  "
               f"SSIM {report['ssim']:.3f}  util {report['utilization']:6.1%}  step {report['step_ms']:.0f} ms",
               flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.stem or ("tokenizers_quick" if args.quick else "tokenizers")
+        # rows so far, so that a long run that is cut short still leaves its measurements
+        (out / f"{stem}.partial.json").write_text(json.dumps({"settings": vars(args), "results": rows},
+                                                             indent=2, default=str))
     notes = check_targets(rows)
     (out / f"{stem}.json").write_text(json.dumps({"settings": vars(args), "results": rows, "targets": notes},
                                                  indent=2, default=str))
     (out / f"{stem}.md").write_text(markdown(rows, args) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     originals = stack_batch(test_set, range(args.grid_images))[0]
     labelled_grid(originals, recons, out / f"{stem}.png")
+    (out / f"{stem}.partial.json").unlink()
     print(markdown(rows, args))
     print("\n".join(notes))
     print(f"wrote {out / (stem + '.json')}, .md, .png")
