@@ -370,3 +370,12 @@ def test_ddp_two_cpu_processes_end_with_identical_generator_weights(tiny_tokeniz
     assert r0["world"] == r1["world"] == 2
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert json.loads((out / "latest.json").read_text())["step"] == 3
+
+
+def test_digits_pixelcnn_baseline_has_maskgits_parameter_count_within_ten_percent():
+    from quantkit.generators.train import DIGITS_RECIPES
+
+    counts = {name: create_generator(name, vocab_size=64, token_shape=(8, 8), num_classes=10,
+                                     **DIGITS_RECIPES[name]["model_config"]).num_parameters()
+              for name in ("maskgit", "pixelcnn")}
+    assert abs(counts["pixelcnn"] - counts["maskgit"]) <= 0.1 * counts["maskgit"], counts
