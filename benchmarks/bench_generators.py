@@ -5,10 +5,12 @@ distance of classifier features vs the real test digits and the reconstruction f
 evaluations per image; and the sampling speed of MaskGIT (8 steps) and VAR against a raster PixelCNN prior with the
 *same parameter count* and the same guidance (timed interleaved, median of repeats, untrained weights suffice).
 
-    python benchmarks/bench_generators.py --out benchmarks/results/generators            # full (CPU, ~minutes)
+    python benchmarks/bench_generators.py --threads 1 --out runs/bench_generators        # full (2-core CPU, ~35 min)
     python benchmarks/bench_generators.py --quick --out /tmp/bench_gen                   # smoke run
 
-Writes results.json (machines), results.md (README table) and samples.png / losses.png (people).
+Every generator is scored at several guidance scales (all rows are reported); the summary picks, per generator,
+the row with the lowest FD / floor among those with at least 90% conditional accuracy. Writes results.json
+(machines), results.md (README table) and samples.png / losses.png (people).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from quantkit.evaluation.classifier import ClassifierConfig, load_or_train_classifier
-from quantkit.evaluation.generation import evaluate_generator, reference_sets, sample_images
+from quantkit.evaluation.generation import best_rows, evaluate_generator, reference_sets, sample_images
 from quantkit.generators import SamplingConfig, create_generator, make_generator
 from quantkit.demo import TOKENIZER_OF, TOKENIZER_RECIPES, ensure_generator, ensure_tokenizer, plot_curves
 from quantkit.generators.train import load_generator
@@ -59,20 +61,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/generators")
     parser.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline, not quality")
-    parser.add_argument("--steps", type=int, help="generator training steps (default 1500, quick 20)")
+    parser.add_argument("--steps", type=int, help="generator training steps (default 2500, quick 20)")
     parser.add_argument("--tokenizer-steps", type=int, help="tokenizer training steps (default 600, quick 20)")
     parser.add_argument("--only", nargs="*", default=["maskgit", "var", "rq_transformer", "pixelcnn"])
     for kind in TOKENIZER_RECIPES:
         parser.add_argument(f"--tokenizer-{kind}", help=f"use this trained '{kind}' tokenizer run")
-    parser.add_argument("--guidance", type=float, nargs="*", help="evaluate at these guidance scales (default: "
-                                                                   "each recipe's)")
+    parser.add_argument("--guidance", type=float, nargs="*", default=[0.0, 0.5, 1.0],
+                        help="evaluate every generator at these guidance scales")
+    parser.add_argument("--speed-batches", type=int, nargs="*", help="batch sizes of the speed comparison "
+                                                                     "(default 50 and 360, the test split; quick 20)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (1 is faster on an oversubscribed CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = args.steps or (20 if args.quick else 1500)
+    started = time.perf_counter()
+    steps = args.steps or (20 if args.quick else 2500)
+    speed_batches = args.speed_batches or ([20] if args.quick else [50, 360])
     tok_steps = args.tokenizer_steps or (20 if args.quick else 600)
 
     from quantkit.tokenizers import load_tokenizer
@@ -95,7 +101,7 @@ def main() -> None:
         model, meta = load_generator(path)
         s = dict(meta["train_config"]["sampling"])
         gen_steps = s.pop("steps", None)
-        for guidance in (args.guidance or [s.get("guidance", 0.0)]):
+        for guidance in args.guidance:
             report = evaluate_generator(model, tokenizers[kind], clf, refs[kind], gen_steps,
                                         SamplingConfig(**{**s, "guidance": guidance}))
             report.update(tokenizer=kind, train_steps=meta["step"])
@@ -114,24 +120,26 @@ def main() -> None:
         gen_steps = s.pop("steps", None)
         tok = tokenizers[TOKENIZER_OF["pixelcnn"]]
         prior = matched_pixelcnn(model, tok.vocab_size, tok.token_shape)
-        for guidance in sorted({s.get("guidance", 0.0), 0.0}):
+        for guidance, batch in [(g, b) for g in sorted({s.get("guidance", 0.0), 0.0}) for b in speed_batches]:
             cfg = SamplingConfig(**{**s, "guidance": guidance})
             ips = time_sampling({name: (model, gen_steps), "pixelcnn": (prior, None)}, {name: cfg, "pixelcnn": cfg},
-                                batch=20 if args.quick else 50, repeats=2 if args.quick else 3)
-            speed[f"{name}@guidance={guidance}"] = {
+                                batch=batch, repeats=2 if args.quick else 3)
+            speed[f"{name}@guidance={guidance},batch={batch}"] = {
                 "params": model.num_parameters(), "pixelcnn_params": prior.num_parameters(),
                 "images_per_second": ips[name], "pixelcnn_images_per_second": ips["pixelcnn"],
                 "speedup": ips[name] / ips["pixelcnn"],
                 "evaluations_per_image": model.evaluations_per_image(gen_steps, guidance),
                 "pixelcnn_evaluations_per_image": prior.evaluations_per_image(None, guidance)}
-            log(f"speed {name} guidance {guidance}: {speed[f'{name}@guidance={guidance}']}")
+            log(f"speed {name} guidance {guidance} batch {batch}: "
+                f"{speed[f'{name}@guidance={guidance},batch={batch}']}")
 
     result = {"classifier_test_accuracy": clf_acc, "generator_steps": steps, "tokenizer_steps": tok_steps,
               "torch_threads": torch.get_num_threads(), "quick": args.quick,
               "references": {k: {"floor_fd": r.floor_fd, "recon_test_fd": r.recon_test_fd,
                                  "real_train_fd": r.real_train_fd, "recon_accuracy": r.recon_accuracy}
                              for k, r in refs.items()},
-              "generators": rows, "speed_vs_pixelcnn": speed}
+              "generators": rows, "best": best_rows(rows), "speed_vs_pixelcnn": speed,
+              "wall_seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "results.md")
     write_pictures(samples, losses, refs, out)
@@ -149,7 +157,12 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{r['guidance']} | {r['conditional_accuracy']:.1%} | {r['frechet_distance']:.3f} | "
                      f"{r['floor_frechet_distance']:.3f} | {r['fd_over_floor']:.2f} | {r['images_per_second']:.1f} | "
                      f"{r['evaluations_per_image']} |")
-    lines += ["", "Sampling speed against a raster PixelCNN prior with the same parameter count and guidance:", "",
+    lines += ["", "Best guidance per generator (lowest FD / floor with at least 90% conditional accuracy):", "",
+              "| generator | guidance | cond. accuracy | FD / floor |", "|---|---|---|---|"]
+    for name, r in result["best"].items():
+        lines.append(f"| {name} | {r['guidance']} | {r['conditional_accuracy']:.1%} | {r['fd_over_floor']:.2f} |")
+    lines += ["", "Sampling speed against a raster PixelCNN prior with the same parameter count and guidance "
+              "(untrained prior, timed interleaved, median of repeats), at two batch sizes:", "",
               "| model | params | PixelCNN params | images/s | PixelCNN images/s | speedup | net evals (model / PixelCNN) |",
               "|---|---|---|---|---|---|---|"]
     for k, v in result["speed_vs_pixelcnn"].items():
@@ -162,6 +175,8 @@ def write_markdown(result: dict, path: Path) -> None:
     for k, v in result["references"].items():
         lines.append(f"| {k} | {v['floor_fd']:.3f} | {v['recon_test_fd']:.3f} | {v['real_train_fd']:.3f} | "
                      f"{v['recon_accuracy']:.1%} |")
+    lines += ["", f"Benchmark wall time: {result['wall_seconds'] / 60:.1f} min ({result['torch_threads']} torch "
+              f"thread(s)); generator training steps: {result['generator_steps']}."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -83,3 +83,21 @@ def test_evaluate_generator_reports_every_number(tmp_path):
     assert 0 <= report["conditional_accuracy"] <= 1
     assert report["frechet_distance"] >= 0 and report["images_per_second"] > 0
     assert report["evaluations_per_image"] == 2
+
+
+def _row(name, guidance, accuracy, ratio):
+    return {"generator": name, "guidance": guidance, "conditional_accuracy": accuracy, "fd_over_floor": ratio}
+
+
+def test_best_rows_picks_the_lowest_fd_over_floor_among_rows_that_reach_the_accuracy():
+    from quantkit.evaluation.generation import best_rows
+
+    rows = [_row("maskgit", 0.0, 0.85, 1.5), _row("maskgit", 0.5, 0.95, 2.5), _row("maskgit", 1.0, 0.99, 3.0),
+            _row("var", 0.0, 0.5, 4.0), _row("var", 1.0, 0.6, 3.0)]
+    best = best_rows(rows)
+    assert list(best) == ["maskgit", "var"]
+    assert best["maskgit"]["guidance"] == 0.5  # 0.0 has the lower ratio but misses 90% accuracy
+    assert best["var"]["guidance"] == 1.0  # none reaches 90%: the lowest ratio overall
+    assert best_rows(rows, min_accuracy=0.8)["maskgit"]["guidance"] == 0.0
+    with pytest.raises(ValueError, match="no evaluation rows"):
+        best_rows([])

@@ -115,3 +115,17 @@ def evaluate_generator(generator_model, tokenizer, classifier: DigitClassifier, 
         "images_per_second": len(refs.test_labels) / seconds,
         "evaluations_per_image": generator_model.evaluations_per_image(steps, sampling.guidance),
     }
+
+
+def best_rows(rows: list[dict], min_accuracy: float = 0.9) -> dict[str, dict]:
+    """Per generator, the :func:`evaluate_generator` row with the lowest FD / floor among those whose conditional
+    accuracy is at least ``min_accuracy`` (the lowest FD / floor overall when none qualifies). Generators keep the
+    order of their first row."""
+    if not rows:
+        raise ValueError("best_rows: no evaluation rows given")
+    best = {}
+    for name in dict.fromkeys(r["generator"] for r in rows):
+        mine = [r for r in rows if r["generator"] == name]
+        ok = [r for r in mine if r["conditional_accuracy"] >= min_accuracy] or mine
+        best[name] = min(ok, key=lambda r: r["fd_over_floor"])
+    return best
