@@ -153,6 +153,38 @@ def test_near_duplicate_codewords_distances_never_negative():
 
 
 @pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+@pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernels not loaded")
+@pytest.mark.parametrize("isa", ["default", "avx2", "baseline"])
+@pytest.mark.parametrize("D", [8, 300, 600])  # the unrolled D = 8 path; wide rows scored in 2 and 3 slices
+def test_specialized_kernel_paths_are_exact_and_tie_break_by_index(D, isa, monkeypatch):
+    """The kernel's shape-specialized paths (a compile-time D = 8, and D > 256 scored in dimension slices with
+    partial sums kept between slices) are exact, keep ties on the lowest index, and do not depend on threads."""
+    if isa != "default":
+        monkeypatch.setenv("QUANTKIT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(D)
+    base = torch.randn(211, D, generator=gen)
+    codebook = base[torch.arange(900) % 211]  # every codeword repeated 4-5 times: ties everywhere
+    z = torch.randn(530, D, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append([_nearest(z, codebook, metric, k) for metric in METRICS for k in (1, 3)])
+    finally:
+        torch.set_num_threads(before)
+    for (indices, distances), (indices2, distances2) in zip(*runs):
+        assert torch.equal(indices, indices2) and torch.equal(distances, distances2)
+    for metric_runs, metric in zip(zip(runs[0][0::2], runs[0][1::2]), METRICS):
+        for k, (indices, distances) in zip((1, 3), metric_runs):
+            _assert_optimal(z, codebook, metric, k, indices, distances)
+            first = indices[:, 0]
+            assert bool((first < 211).all()), f"{metric}, k={k}: a later duplicate won a tie"
+    # float64 and a strided codebook take the packed-tile route through the same paths
+    indices, distances = _nearest(z.double(), _maybe_strided(codebook.double(), 1), "l2", 1)
+    _assert_optimal(z.double(), codebook.double(), "l2", 1, indices, distances)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_kernel_agrees_with_reference(metric):
     z, codebook = torch.randn(700, 40), torch.randn(1500, 40)

@@ -14,6 +14,9 @@
 // Loop nest per task (a task is a range of rows x a range of codes):
 //   for each row chunk (fits L2, packed once):  for each code tile (fits L2):  for each row panel:  for each
 //   block of J codes: J x 2L scores in registers -> running best (k = 1) or per-row sorted top-k (k > 1).
+// Rows wider than 256 dimensions are scored in slices of dimensions (partial scores of the chunk x tile kept in
+// a small buffer between slices, a GEMM's k-blocking), so a panel slice stays in L1; k = 1 with D = 8 (the
+// factorized-code case) gets a compile-time D, fully unrolled.
 // The running state lives in the output arrays between tiles. Scores of a (row, code) pair do not depend on the
 // decomposition, so the result is identical for every thread count; with few rows the driver splits K into
 // segments and merges them by (score desc, index asc).
@@ -31,11 +34,19 @@ namespace quantkit::cpu::nearest {
 enum Metric : int { kL2 = 0, kCosine = 1, kDot = 2 };
 constexpr int64_t kTileBytes = 192 << 10;   // code tile (read from L2)
 constexpr int64_t kChunkBytes = 192 << 10;  // packed row chunk (read from L2)
+// Wide rows (D > kMaxUnslicedD) are scored in slices of at most kMaxUnslicedD dimensions, with the partial scores
+// of a (row chunk x code tile) kept in a small buffer between slices, so that one slice of a panel stays in L1
+// and the chunk's slices in L2 (a GEMM's k-blocking). Chunks are then taller and tiles narrower, so each code
+// tile streamed from memory serves more rows.
+constexpr int64_t kMaxUnslicedD = 256;
+constexpr int64_t kSlicedChunkBytes = 256 << 10;  // one slice of the row chunk
+constexpr int64_t kSlicedTileBytes = 64 << 10;    // one slice of the code tile
 constexpr double kCosineEps = 1e-12;        // matches quantkit.ops._COSINE_EPS
 
 template <class S>
 struct Workspace {
   Scratch<S> panels, tile, tail, row;
+  Scratch<S> partial;  // sliced mode: partial scores of the chunk x tile, between slices
   Scratch<S> scores;  // J x 2L spill for the top-k epilogue
 };
 
@@ -55,31 +66,21 @@ struct Task {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// micro-kernel: acc[j][h] = bias[j] + panel . codes[j] (times scale[j] for cosine) for J codes and the 2L rows
-// of one panel
+// micro-kernel: acc[j][h] += panel[d0:d1] . codes[j][d0:d1] for J codes and the 2L rows of one panel (the panel
+// is stored d-major, so a slice of dimensions is contiguous)
 
 template <class S, class Isa>
-QK_INLINE void score_block(const S* __restrict__ panel, const S* __restrict__ codes, int64_t ldc,
-                           const S* __restrict__ bias, const S* __restrict__ scale, int64_t D,
-                           typename Vec<S, Isa::VB>::V (&acc)[Isa::J][2]) {
+QK_INLINE void accumulate_block(const S* __restrict__ panel, const S* __restrict__ codes, int64_t ldc, int64_t d0,
+                                int64_t d1, typename Vec<S, Isa::VB>::V (&acc)[Isa::J][2]) {
   using V = typename Vec<S, Isa::VB>::V;
   constexpr int L = Vec<S, Isa::VB>::L, kJ = Isa::J;
-#pragma GCC unroll 8
-  for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = bias ? V{} + bias[j] : V{};  // bias nullptr: zeros
-  for (int64_t d = 0; d < D; ++d) {
+  for (int64_t d = d0; d < d1; ++d) {
     const V z0 = vload<V>(panel + d * 2 * L), z1 = vload<V>(panel + d * 2 * L + L);
 #pragma GCC unroll 8
     for (int j = 0; j < kJ; ++j) {
       const S c = codes[j * ldc + d];
       acc[j][0] += z0 * c;
       acc[j][1] += z1 * c;
-    }
-  }
-  if (scale) {  // cosine: z.c / |c|
-#pragma GCC unroll 8
-    for (int j = 0; j < kJ; ++j) {
-      acc[j][0] *= scale[j];
-      acc[j][1] *= scale[j];
     }
   }
 }
@@ -135,16 +136,19 @@ QK_INLINE void topk_insert(S* best, int64_t* idx, int k, S s, int64_t j) {
 // ---------------------------------------------------------------------------------------------------------------
 // one task
 
-template <class S, bool TOP1, class Isa>
+template <class S, bool TOP1, class Isa, int FIXED_D>
 QK_INLINE void run_task_impl(const Task<S>& t) {
   using V = typename Vec<S, Isa::VB>::V;
   using I = typename Vec<S, Isa::VB>::I;
   using Lane = std::remove_reference_t<decltype(I{}[0])>;
   constexpr int L = Vec<S, Isa::VB>::L, R = 2 * L, kJ = Isa::J;
   const Matrix& cb = *t.codebook;
-  const int64_t D = t.z->cols, k = t.k;
-  const int64_t rows_per_chunk = std::max<int64_t>(R, kChunkBytes / int64_t(sizeof(S) * D) / R * R);
-  const int64_t codes_per_tile = std::max<int64_t>(kJ, kTileBytes / int64_t(sizeof(S) * D) / 8 * 8);
+  const int64_t D = FIXED_D ? FIXED_D : t.z->cols, k = t.k;
+  const int64_t slices = (D + kMaxUnslicedD - 1) / kMaxUnslicedD, slice = (D + slices - 1) / slices;
+  const int64_t chunk_bytes = slices > 1 ? kSlicedChunkBytes : kChunkBytes;
+  const int64_t tile_bytes = slices > 1 ? kSlicedTileBytes : kTileBytes;
+  const int64_t rows_per_chunk = std::max<int64_t>(R, chunk_bytes / int64_t(sizeof(S) * slice) / R * R);
+  const int64_t codes_per_tile = std::max<int64_t>(kJ, tile_bytes / int64_t(sizeof(S) * slice) / 8 * 8);
   const bool direct = cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
   Workspace<S>& ws = *t.ws;
   S* panels = ws.panels.get(size_t(rows_per_chunk) * D);
@@ -152,6 +156,8 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
   S* tile = ws.tile.get(size_t(codes_per_tile + kJ) * D + 2 * (codes_per_tile + kJ));
   S* tile_bias = tile + (codes_per_tile + kJ) * D;
   S* tile_scale = tile_bias + codes_per_tile + kJ;
+  const int64_t blocks_per_tile = (codes_per_tile + kJ - 1) / kJ;
+  S* partial = slices > 1 ? ws.partial.get(size_t(rows_per_chunk / R * blocks_per_tile) * kJ * R) : nullptr;
   alignas(64) S spill[kJ][R];
   alignas(64) S lane_best[R];
   alignas(64) Lane lane_idx[R];
@@ -169,66 +175,87 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
       const int64_t t1 = std::min(t.c1, t0 + codes_per_tile);
       const int64_t full_end = direct ? t0 + (t1 - t0) / kJ * kJ : t0;  // codes read in place up to here
       if (full_end < t1) pack_codes<S, kJ>(t, full_end, t1, tile, tile_bias, tile_scale);
-      for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
-        const S* panel = panels + ((p0 - rc0) / R) * D * R;
-        const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
-        S* best = t.best + (p0 - t.r0) * k;
-        int64_t* best_idx = t.best_idx + (p0 - t.r0) * k;
-        V b0, b1;
-        I i0, i1;
-        if constexpr (TOP1) {
-          for (int i = 0; i < R; ++i) {
-            lane_best[i] = i < nrows ? best[i] : -std::numeric_limits<S>::infinity();
-            lane_idx[i] = Lane(i < nrows ? best_idx[i] : 0);
-          }
-          b0 = vload<V>(lane_best), b1 = vload<V>(lane_best + L);
-          i0 = vload<I>(lane_idx), i1 = vload<I>(lane_idx + L);
-        }
-        for (int64_t j0 = t0; j0 < t1; j0 += kJ) {
-          V acc[kJ][2];
-          if (j0 < full_end) {
-            const S* scale = t.scale ? t.scale + j0 : nullptr;
-            score_block<S, Isa>(panel, static_cast<const S*>(cb.data) + j0 * cb.row_stride, cb.row_stride,
-                                   t.bias + j0, scale, D, acc);
-          } else {
-            const int64_t off = j0 - full_end;
-            score_block<S, Isa>(panel, tile + off * D, D, tile_bias + off, t.scale ? tile_scale + off : nullptr, D, acc);
-          }
-          if constexpr (TOP1) {
-            // Fast reject: after the first few blocks a row rarely improves, so test the block's per-lane max
-            // (max ops, off the FMA ports) and run the exact in-order compare/blend only when some lane would.
-            V top0 = acc[0][0], top1 = acc[0][1];
-#pragma GCC unroll 8
-            for (int j = 1; j < kJ; ++j) {
-              top0 = acc[j][0] > top0 ? acc[j][0] : top0;
-              top1 = acc[j][1] > top1 ? acc[j][1] : top1;
+      for (int64_t d0 = 0; d0 < D; d0 += slice) {
+        const int64_t d1 = std::min(D, d0 + slice);
+        const bool first = d0 == 0, last = d1 == D;
+        for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
+          const S* panel = panels + ((p0 - rc0) / R) * D * R;
+          const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
+          S* best = t.best + (p0 - t.r0) * k;
+          int64_t* best_idx = t.best_idx + (p0 - t.r0) * k;
+          S* panel_partial = partial ? partial + (p0 - rc0) / R * blocks_per_tile * kJ * R : nullptr;
+          V b0, b1;
+          I i0, i1;
+          if (TOP1 && last) {
+            for (int i = 0; i < R; ++i) {
+              lane_best[i] = i < nrows ? best[i] : -std::numeric_limits<S>::infinity();
+              lane_idx[i] = Lane(i < nrows ? best_idx[i] : 0);
             }
-            if (!any_lane<I>((top0 > b0) | (top1 > b1))) continue;
+            b0 = vload<V>(lane_best), b1 = vload<V>(lane_best + L);
+            i0 = vload<I>(lane_idx), i1 = vload<I>(lane_idx + L);
+          }
+          for (int64_t j0 = t0; j0 < t1; j0 += kJ) {
+            const bool in_place = j0 < full_end;
+            const S* codes = in_place ? static_cast<const S*>(cb.data) + j0 * cb.row_stride : tile + (j0 - full_end) * D;
+            const int64_t ldc = in_place ? cb.row_stride : D;
+            const S* bias = in_place ? t.bias + j0 : tile_bias + (j0 - full_end);
+            const S* scale = !t.scale ? nullptr : in_place ? t.scale + j0 : tile_scale + (j0 - full_end);
+            S* block_partial = panel_partial ? panel_partial + (j0 - t0) / kJ * kJ * R : nullptr;
+            V acc[kJ][2];
 #pragma GCC unroll 8
             for (int j = 0; j < kJ; ++j) {
-              const I jv = I{} + Lane(j0 + j);
-              const I m0 = acc[j][0] > b0, m1 = acc[j][1] > b1;
-              b0 = m0 ? acc[j][0] : b0;
-              i0 = m0 ? jv : i0;
-              b1 = m1 ? acc[j][1] : b1;
-              i1 = m1 ? jv : i1;
+              if (first) {
+                acc[j][0] = acc[j][1] = bias[j] - V{};  // x - 0 == x: a plain broadcast
+              } else {
+                acc[j][0] = vload<V>(block_partial + j * R), acc[j][1] = vload<V>(block_partial + j * R + L);
+              }
             }
-          } else {
-            for (int j = 0; j < kJ; ++j) {
-              vstore(spill[j], acc[j][0]);
-              vstore(spill[j] + L, acc[j][1]);
+            accumulate_block<S, Isa>(panel, codes, ldc, d0, d1, acc);
+            if (!last) {
+#pragma GCC unroll 8
+              for (int j = 0; j < kJ; ++j) vstore(block_partial + j * R, acc[j][0]), vstore(block_partial + j * R + L, acc[j][1]);
+              continue;
             }
-            const int jn = int(std::min<int64_t>(kJ, t1 - j0));
-            for (int i = 0; i < nrows; ++i)
-              for (int j = 0; j < jn; ++j) topk_insert<S>(best + i * k, best_idx + i * k, int(k), spill[j][i], j0 + j);
+            if (scale) {  // cosine: z.c / |c|
+#pragma GCC unroll 8
+              for (int j = 0; j < kJ; ++j) acc[j][0] *= scale[j], acc[j][1] *= scale[j];
+            }
+            if constexpr (TOP1) {
+              // Fast reject: after the first few blocks a row rarely improves, so test the block's per-lane max
+              // and run the exact in-order compare/blend only when some lane would improve.
+              V top0 = acc[0][0], top1 = acc[0][1];
+#pragma GCC unroll 8
+              for (int j = 1; j < kJ; ++j) {
+                top0 = acc[j][0] > top0 ? acc[j][0] : top0;
+                top1 = acc[j][1] > top1 ? acc[j][1] : top1;
+              }
+              if (!any_lane<I>((top0 > b0) | (top1 > b1))) continue;
+#pragma GCC unroll 8
+              for (int j = 0; j < kJ; ++j) {
+                const I jv = I{} + Lane(j0 + j);
+                const I m0 = acc[j][0] > b0, m1 = acc[j][1] > b1;
+                b0 = m0 ? acc[j][0] : b0;
+                i0 = m0 ? jv : i0;
+                b1 = m1 ? acc[j][1] : b1;
+                i1 = m1 ? jv : i1;
+              }
+            } else {
+              for (int j = 0; j < kJ; ++j) {
+                vstore(spill[j], acc[j][0]);
+                vstore(spill[j] + L, acc[j][1]);
+              }
+              const int jn = int(std::min<int64_t>(kJ, t1 - j0));
+              for (int i = 0; i < nrows; ++i)
+                for (int j = 0; j < jn; ++j) topk_insert<S>(best + i * k, best_idx + i * k, int(k), spill[j][i], j0 + j);
+            }
           }
-        }
-        if constexpr (TOP1) {
-          vstore(lane_best, b0), vstore(lane_best + L, b1);
-          vstore(lane_idx, i0), vstore(lane_idx + L, i1);
-          for (int i = 0; i < nrows; ++i) {
-            best[i] = lane_best[i];
-            best_idx[i] = lane_idx[i];
+          if (TOP1 && last) {
+            vstore(lane_best, b0), vstore(lane_best + L, b1);
+            vstore(lane_idx, i0), vstore(lane_idx + L, i1);
+            for (int i = 0; i < nrows; ++i) {
+              best[i] = lane_best[i];
+              best_idx[i] = lane_idx[i];
+            }
           }
         }
       }
@@ -238,15 +265,17 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
 
 template <class S, class Isa>
 QK_INLINE void run_task(const Task<S>& t) {
-  t.k == 1 ? run_task_impl<S, true, Isa>(t) : run_task_impl<S, false, Isa>(t);
+  if (t.k != 1) return run_task_impl<S, false, Isa, 0>(t);
+  if (t.z->cols == 8) return run_task_impl<S, true, Isa, 8>(t);
+  run_task_impl<S, true, Isa, 0>(t);
 }
 
 // The hot loop compiled three times; the driver calls the best one this CPU supports.
 #if QK_X86
-QK_TARGET_AVX512 inline void run_task_avx512(const Task<float>& t) { run_task<float, IsaAvx512>(t); }
-QK_TARGET_AVX512 inline void run_task_avx512(const Task<double>& t) { run_task<double, IsaAvx512>(t); }
-QK_TARGET_AVX2 inline void run_task_avx2(const Task<float>& t) { run_task<float, IsaAvx2>(t); }
-QK_TARGET_AVX2 inline void run_task_avx2(const Task<double>& t) { run_task<double, IsaAvx2>(t); }
+QK_TARGET_AVX512 QK_FLATTEN inline void run_task_avx512(const Task<float>& t) { run_task<float, IsaAvx512>(t); }
+QK_TARGET_AVX512 QK_FLATTEN inline void run_task_avx512(const Task<double>& t) { run_task<double, IsaAvx512>(t); }
+QK_TARGET_AVX2 QK_FLATTEN inline void run_task_avx2(const Task<float>& t) { run_task<float, IsaAvx2>(t); }
+QK_TARGET_AVX2 QK_FLATTEN inline void run_task_avx2(const Task<double>& t) { run_task<double, IsaAvx2>(t); }
 #endif
 inline void run_task_baseline(const Task<float>& t) { run_task<float, IsaBaseline>(t); }
 inline void run_task_baseline(const Task<double>& t) { run_task<double, IsaBaseline>(t); }

@@ -128,8 +128,10 @@ QK_INLINE void tile_scores(const TileCodes<S, Isa::J>& tc, const S* panel, const
   for (int64_t j0 = tc.t0; j0 < tc.padded_end; j0 += kJ) {
     int64_t ld;
     const S* codes = tc.codes(j0, &ld);
+    const S* bias = bias_or_null ? tc.code_bias(j0) : nullptr;
     V acc[kJ][2];
-    nearest::score_block<S, Isa>(panel, codes, ld, bias_or_null ? tc.code_bias(j0) : bias_or_null, nullptr, D, acc);
+    for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = bias ? bias[j] - V{} : V{};  // x - 0 == x: a broadcast
+    nearest::accumulate_block<S, Isa>(panel, codes, ld, 0, D, acc);
     for (int j = 0; j < kJ; ++j) {
       vstore(st + (j0 - tc.t0 + j) * 2 * L, acc[j][0] * scale);
       vstore(st + (j0 - tc.t0 + j) * 2 * L + L, acc[j][1] * scale);
