@@ -8,15 +8,17 @@
 // (L = 16 floats) is stored transposed, panel[d][row], and J = 8 codewords are broadcast against it, so the 2J
 // accumulators hold the scores of J codes for 2L rows. Each lane then keeps its own row's running best with one
 // compare and two blends per vector, and codes reach every lane in increasing index order, so a strict ">" gives
-// ties to the lowest index with no final lane reduction. The codebook is read in place (fp32/fp64 rows with unit
-// column stride) or converted one tile at a time; only O(K) biases and O(threads x tile) scratch are allocated.
+// ties to the lowest index with no final lane reduction. Codes are packed one tile at a time, J codes interleaved
+// per dimension (one contiguous stream per block, converted to the compute type); only O(K) biases and
+// O(threads x tile) scratch are allocated.
 //
 // Loop nest per task (a task is a range of rows x a range of codes):
-//   for each row chunk (fits L2, packed once):  for each code tile (fits L2):  for each row panel:  for each
-//   block of J codes: J x 2L scores in registers -> running best (k = 1) or per-row sorted top-k (k > 1).
-// Rows wider than 256 dimensions are scored in slices of dimensions (partial scores of the chunk x tile kept in
-// a small buffer between slices, a GEMM's k-blocking), so a panel slice stays in L1; k = 1 with D = 8 (the
-// factorized-code case) gets a compile-time D, fully unrolled.
+//   for each row chunk (packed once, L3):  for each code tile (packed, L2):  for each slice of dimensions:
+//   for each row panel:  for each block of J codes: J x 2L scores in registers -> running best (k = 1) or
+//   per-row sorted top-k (k > 1).
+// Rows up to 256 wide are one slice; wider rows are scored in slices with the partial scores of the chunk x tile
+// kept in a small buffer between slices (a GEMM's k-blocking), so a panel slice stays in L1. k = 1 with D = 8
+// (the factorized-code case) gets a compile-time D, fully unrolled.
 // The running state lives in the output arrays between tiles. Scores of a (row, code) pair do not depend on the
 // decomposition, so the result is identical for every thread count; with few rows the driver splits K into
 // segments and merges them by (score desc, index asc).
@@ -32,15 +34,18 @@
 namespace quantkit::cpu::nearest {
 
 enum Metric : int { kL2 = 0, kCosine = 1, kDot = 2 };
-constexpr int64_t kTileBytes = 192 << 10;   // code tile (read from L2)
-constexpr int64_t kChunkBytes = 192 << 10;  // packed row chunk (read from L2)
-// Wide rows (D > kMaxUnslicedD) are scored in slices of at most kMaxUnslicedD dimensions, with the partial scores
-// of a (row chunk x code tile) kept in a small buffer between slices, so that one slice of a panel stays in L1
-// and the chunk's slices in L2 (a GEMM's k-blocking). Chunks are then taller and tiles narrower, so each code
-// tile streamed from memory serves more rows.
-constexpr int64_t kMaxUnslicedD = 256;
-constexpr int64_t kSlicedChunkBytes = 256 << 10;  // one slice of the row chunk
-constexpr int64_t kSlicedTileBytes = 64 << 10;    // one slice of the code tile
+// Blocking (measured on Zen 3: 32 KiB L1, 512 KiB L2 per core): a code tile, packed so that each block of J codes
+// is one contiguous stream, stays in L2 while every panel of a row chunk is scored against it; a panel (read from
+// L3) serves a whole tile. Rows wider than kMaxSliceD are scored in slices of dimensions, the partial scores of
+// the panel x tile kept in a small buffer between slices, so that one panel slice stays in L1 (a GEMM's
+// k-blocking). Packing a tile costs about as much as scoring it against one row, so tasks get at least
+// kMinTaskRows rows when there are enough; otherwise about kTasksPerThread tasks per thread, handed out
+// dynamically so that a thread slowed by other load takes fewer.
+constexpr int64_t kTileBytes = 192 << 10;  // the packed code tile (L2)
+constexpr int64_t kChunkBytes = 4 << 20;   // the packed row chunk (L3)
+constexpr int64_t kMaxSliceD = 256;
+constexpr int64_t kMinTaskRows = 1024;
+constexpr int64_t kTasksPerThread = 8;
 constexpr double kCosineEps = 1e-12;        // matches quantkit.ops._COSINE_EPS
 
 template <class S>
@@ -66,19 +71,21 @@ struct Task {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// micro-kernel: acc[j][h] += panel[d0:d1] . codes[j][d0:d1] for J codes and the 2L rows of one panel (the panel
-// is stored d-major, so a slice of dimensions is contiguous)
+// micro-kernel: acc[j][h] += panel[d0:d1] . codes[j][d0:d1] for J codes and the 2L rows of one panel. The panel
+// is stored d-major (a slice of dimensions is contiguous); code j's element d is codes[j * j_stride + d * d_stride]
+// (a packed tile block: j_stride 1, d_stride J).
 
 template <class S, class Isa>
-QK_INLINE void accumulate_block(const S* __restrict__ panel, const S* __restrict__ codes, int64_t ldc, int64_t d0,
-                                int64_t d1, typename Vec<S, Isa::VB>::V (&acc)[Isa::J][2]) {
+QK_INLINE void accumulate_block(const S* __restrict__ panel, const S* __restrict__ codes, int64_t j_stride,
+                                int64_t d_stride, int64_t d0, int64_t d1,
+                                typename Vec<S, Isa::VB>::V (&acc)[Isa::J][2]) {
   using V = typename Vec<S, Isa::VB>::V;
   constexpr int L = Vec<S, Isa::VB>::L, kJ = Isa::J;
   for (int64_t d = d0; d < d1; ++d) {
     const V z0 = vload<V>(panel + d * 2 * L), z1 = vload<V>(panel + d * 2 * L + L);
 #pragma GCC unroll 8
     for (int j = 0; j < kJ; ++j) {
-      const S c = codes[j * ldc + d];
+      const S c = codes[j * j_stride + d * d_stride];
       acc[j][0] += z0 * c;
       acc[j][1] += z1 * c;
     }
@@ -99,19 +106,24 @@ QK_INLINE bool pack_rows(const Matrix& z, int64_t r0, int64_t r1, S* __restrict_
   return ok;
 }
 
-// Converts codes [c0, c1) into a (ceil to J) x D row-major buffer; padding codes get bias -inf (never chosen).
+// Packs codes [c0, c1) block by block, interleaved: out[b][d][j] = code c0 + b*J + j, element d (converted to S).
+// Padding codes (up to a multiple of J) are zeros with bias -inf, so they are never chosen.
 template <class S, int kJ>
 QK_INLINE void pack_codes(const Task<S>& t, int64_t c0, int64_t c1, S* __restrict__ out, S* __restrict__ bias,
-                          S* __restrict__ scale) {
+                          S* __restrict__ scale, S* __restrict__ row) {
+  const Matrix& cb = *t.codebook;
   const int64_t D = t.z->cols, padded = (c1 - c0 + kJ - 1) / kJ * kJ;
+  const bool direct = cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
   for (int64_t c = c0; c < c0 + padded; ++c) {
-    S* dst = out + (c - c0) * D;
+    S* dst = out + (c - c0) / kJ * D * kJ + (c - c0) % kJ;
     if (c < c1) {
-      load_row<S>(*t.codebook, c, dst);  // finiteness was checked when the biases were computed
+      const S* src = direct ? static_cast<const S*>(cb.data) + c * cb.row_stride : row;
+      if (!direct) load_row<S>(cb, c, row);  // finiteness was checked when the biases were computed
+      for (int64_t d = 0; d < D; ++d) dst[d * kJ] = src[d];
       bias[c - c0] = t.bias[c];
       scale[c - c0] = t.scale ? t.scale[c] : S(1);
     } else {
-      std::fill(dst, dst + D, S(0));
+      for (int64_t d = 0; d < D; ++d) dst[d * kJ] = S(0);
       bias[c - c0] = -std::numeric_limits<S>::infinity();
       scale[c - c0] = S(1);
     }
@@ -142,22 +154,17 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
   using I = typename Vec<S, Isa::VB>::I;
   using Lane = std::remove_reference_t<decltype(I{}[0])>;
   constexpr int L = Vec<S, Isa::VB>::L, R = 2 * L, kJ = Isa::J;
-  const Matrix& cb = *t.codebook;
   const int64_t D = FIXED_D ? FIXED_D : t.z->cols, k = t.k;
-  const int64_t slices = (D + kMaxUnslicedD - 1) / kMaxUnslicedD, slice = (D + slices - 1) / slices;
-  const int64_t chunk_bytes = slices > 1 ? kSlicedChunkBytes : kChunkBytes;
-  const int64_t tile_bytes = slices > 1 ? kSlicedTileBytes : kTileBytes;
-  const int64_t rows_per_chunk = std::max<int64_t>(R, chunk_bytes / int64_t(sizeof(S) * slice) / R * R);
-  const int64_t codes_per_tile = std::max<int64_t>(kJ, tile_bytes / int64_t(sizeof(S) * slice) / 8 * 8);
-  const bool direct = cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
+  const int64_t slices = (D + kMaxSliceD - 1) / kMaxSliceD, slice = (D + slices - 1) / slices;
+  const int64_t rows_per_chunk = std::max<int64_t>(R, kChunkBytes / int64_t(sizeof(S) * D) / R * R);
+  const int64_t codes_per_tile = std::max<int64_t>(kJ, kTileBytes / int64_t(sizeof(S) * D) / kJ * kJ);
   Workspace<S>& ws = *t.ws;
-  S* panels = ws.panels.get(size_t(rows_per_chunk) * D);
+  S* panels = ws.panels.get(size_t(std::min(rows_per_chunk, (t.r1 - t.r0 + R - 1) / R * R)) * D);
   S* row = ws.row.get(size_t(D));
-  S* tile = ws.tile.get(size_t(codes_per_tile + kJ) * D + 2 * (codes_per_tile + kJ));
-  S* tile_bias = tile + (codes_per_tile + kJ) * D;
-  S* tile_scale = tile_bias + codes_per_tile + kJ;
-  const int64_t blocks_per_tile = (codes_per_tile + kJ - 1) / kJ;
-  S* partial = slices > 1 ? ws.partial.get(size_t(rows_per_chunk / R * blocks_per_tile) * kJ * R) : nullptr;
+  S* tile = ws.tile.get(size_t(codes_per_tile) * (D + 2));
+  S* tile_bias = tile + codes_per_tile * D;
+  S* tile_scale = tile_bias + codes_per_tile;
+  S* partial = slices > 1 ? ws.partial.get(size_t(codes_per_tile) * R) : nullptr;  // one panel x tile
   alignas(64) S spill[kJ][R];
   alignas(64) S lane_best[R];
   alignas(64) Lane lane_idx[R];
@@ -173,34 +180,30 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
     if (!pack_rows<S, R>(*t.z, rc0, rc1, panels, row)) t.bad->fetch_or(1);
     for (int64_t t0 = t.c0; t0 < t.c1; t0 += codes_per_tile) {
       const int64_t t1 = std::min(t.c1, t0 + codes_per_tile);
-      const int64_t full_end = direct ? t0 + (t1 - t0) / kJ * kJ : t0;  // codes read in place up to here
-      if (full_end < t1) pack_codes<S, kJ>(t, full_end, t1, tile, tile_bias, tile_scale);
-      for (int64_t d0 = 0; d0 < D; d0 += slice) {
-        const int64_t d1 = std::min(D, d0 + slice);
-        const bool first = d0 == 0, last = d1 == D;
-        for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
-          const S* panel = panels + ((p0 - rc0) / R) * D * R;
-          const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
-          S* best = t.best + (p0 - t.r0) * k;
-          int64_t* best_idx = t.best_idx + (p0 - t.r0) * k;
-          S* panel_partial = partial ? partial + (p0 - rc0) / R * blocks_per_tile * kJ * R : nullptr;
-          V b0, b1;
-          I i0, i1;
-          if (TOP1 && last) {
-            for (int i = 0; i < R; ++i) {
-              lane_best[i] = i < nrows ? best[i] : -std::numeric_limits<S>::infinity();
-              lane_idx[i] = Lane(i < nrows ? best_idx[i] : 0);
-            }
-            b0 = vload<V>(lane_best), b1 = vload<V>(lane_best + L);
-            i0 = vload<I>(lane_idx), i1 = vload<I>(lane_idx + L);
+      pack_codes<S, kJ>(t, t0, t1, tile, tile_bias, tile_scale, row);
+      for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
+        const S* panel = panels + ((p0 - rc0) / R) * D * R;
+        const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
+        S* best = t.best + (p0 - t.r0) * k;
+        int64_t* best_idx = t.best_idx + (p0 - t.r0) * k;
+        V b0, b1;
+        I i0, i1;
+        if constexpr (TOP1) {
+          for (int i = 0; i < R; ++i) {
+            lane_best[i] = i < nrows ? best[i] : -std::numeric_limits<S>::infinity();
+            lane_idx[i] = Lane(i < nrows ? best_idx[i] : 0);
           }
+          b0 = vload<V>(lane_best), b1 = vload<V>(lane_best + L);
+          i0 = vload<I>(lane_idx), i1 = vload<I>(lane_idx + L);
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += slice) {
+          const int64_t d1 = std::min(D, d0 + slice);
+          const bool first = d0 == 0, last = d1 == D;
           for (int64_t j0 = t0; j0 < t1; j0 += kJ) {
-            const bool in_place = j0 < full_end;
-            const S* codes = in_place ? static_cast<const S*>(cb.data) + j0 * cb.row_stride : tile + (j0 - full_end) * D;
-            const int64_t ldc = in_place ? cb.row_stride : D;
-            const S* bias = in_place ? t.bias + j0 : tile_bias + (j0 - full_end);
-            const S* scale = !t.scale ? nullptr : in_place ? t.scale + j0 : tile_scale + (j0 - full_end);
-            S* block_partial = panel_partial ? panel_partial + (j0 - t0) / kJ * kJ * R : nullptr;
+            const S* codes = tile + (j0 - t0) * D;  // block (j0 - t0) / J, interleaved
+            const S* bias = tile_bias + (j0 - t0);
+            const S* scale = t.scale ? tile_scale + (j0 - t0) : nullptr;
+            S* block_partial = partial ? partial + (j0 - t0) * R : nullptr;
             V acc[kJ][2];
 #pragma GCC unroll 8
             for (int j = 0; j < kJ; ++j) {
@@ -210,7 +213,7 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
                 acc[j][0] = vload<V>(block_partial + j * R), acc[j][1] = vload<V>(block_partial + j * R + L);
               }
             }
-            accumulate_block<S, Isa>(panel, codes, ldc, d0, d1, acc);
+            accumulate_block<S, Isa>(panel, codes, 1, kJ, d0, d1, acc);
             if (!last) {
 #pragma GCC unroll 8
               for (int j = 0; j < kJ; ++j) vstore(block_partial + j * R, acc[j][0]), vstore(block_partial + j * R + L, acc[j][1]);
@@ -249,13 +252,13 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
                 for (int j = 0; j < jn; ++j) topk_insert<S>(best + i * k, best_idx + i * k, int(k), spill[j][i], j0 + j);
             }
           }
-          if (TOP1 && last) {
-            vstore(lane_best, b0), vstore(lane_best + L, b1);
-            vstore(lane_idx, i0), vstore(lane_idx + L, i1);
-            for (int i = 0; i < nrows; ++i) {
-              best[i] = lane_best[i];
-              best_idx[i] = lane_idx[i];
-            }
+        }
+        if constexpr (TOP1) {
+          vstore(lane_best, b0), vstore(lane_best + L, b1);
+          vstore(lane_idx, i0), vstore(lane_idx + L, i1);
+          for (int i = 0; i < nrows; ++i) {
+            best[i] = lane_best[i];
+            best_idx[i] = lane_idx[i];
           }
         }
       }
@@ -356,7 +359,8 @@ int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k,
   const int64_t panels = (N + R - 1) / R;
   int64_t segments = panels >= threads ? 1 : (threads + panels - 1) / panels;
   segments = std::max<int64_t>(1, std::min(segments, K / std::max<int64_t>(512, k)));  // each holds >= k codes
-  const int64_t rows_per_task = segments > 1 ? panels * R : std::max<int64_t>(1, panels / (8 * threads)) * R;
+  const int64_t task_panels = std::max(panels / (kTasksPerThread * threads), std::min(kMinTaskRows / R, panels / threads));
+  const int64_t rows_per_task = segments > 1 ? panels * R : std::max<int64_t>(1, task_panels) * R;
   const int64_t row_tasks = (N + rows_per_task - 1) / rows_per_task;
   const int64_t codes_per_segment = (K + segments - 1) / segments;
   std::vector<S> seg_best(segments > 1 ? size_t(segments * N * k) : 0);

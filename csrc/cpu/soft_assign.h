@@ -131,7 +131,7 @@ QK_INLINE void tile_scores(const TileCodes<S, Isa::J>& tc, const S* panel, const
     const S* bias = bias_or_null ? tc.code_bias(j0) : nullptr;
     V acc[kJ][2];
     for (int j = 0; j < kJ; ++j) acc[j][0] = acc[j][1] = bias ? bias[j] - V{} : V{};  // x - 0 == x: a broadcast
-    nearest::accumulate_block<S, Isa>(panel, codes, ld, 0, D, acc);
+    nearest::accumulate_block<S, Isa>(panel, codes, ld, 1, 0, D, acc);
     for (int j = 0; j < kJ; ++j) {
       vstore(st + (j0 - tc.t0 + j) * 2 * L, acc[j][0] * scale);
       vstore(st + (j0 - tc.t0 + j) * 2 * L + L, acc[j][1] * scale);
