@@ -13,9 +13,11 @@ Optional noise substitution (``noise_dropout=p``, off by default, training only)
 replaced, with probability p, by the bounded value plus noise uniform over one quantization step, U(-1/2, 1/2) in
 grid units -- the additive-noise proxy of quantization from learned compression (Balle et al. 2017,
 arXiv:1611.01704), applied to FSQ with a dropout-style probability as in Parker et al. 2024 (arXiv:2411.19842,
-sec. 3.2). Why it matters: straight-through rounding hands the encoder the gradient of an identity, so nothing
-rewards it for spreading its outputs over the grid's cells, and a small encoder leaves most of the grid unused;
-under noise, sub-step detail is destroyed, so information only survives in where a value sits on the grid. The index
+sec. 3.2). Rationale: straight-through rounding hands the encoder the gradient of an identity, so early in training
+nothing rewards it for spreading its outputs over the grid's cells; under noise, sub-step detail is destroyed, so
+information only survives in where a value sits on the grid. Measured in the tokenizer benchmark's VQGAN (16 px
+patches, levels [8, 5, 5, 5], p = 0.5): after 500 steps it raised test utilization from 41% to 64%, but after 1,000
+steps plain FSQ had caught up and passed it (91% against 68%), so it is a short-budget aid, not a default. The index
 is always the rounded value's (noise never changes a code choice) and eval always rounds, so the codebook, encode and
 decode are FSQ's exactly.
 """
