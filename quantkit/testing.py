@@ -31,6 +31,7 @@ from .quantizers._registry import example_kwargs, list_quantizers, quantizer_cla
 from .quantizers.base import Quantizer, QuantizerOutput
 
 __all__ = ["CHECKS", "check_quantizer", "example_input", "latents", "quantizer_configs", "registered_quantizers",
+           "utilization_after_training",
            "check_output_contract", "check_encode_matches_forward", "check_decode_round_trip", "check_eval_purity",
            "check_gradient", "check_state_dict_round_trip", "check_mask", "check_fully_masked_batch",
            "check_low_precision", "check_autocast", "check_bad_input", "check_empty_batch", "check_compile"]
@@ -159,6 +160,24 @@ def _assert_same_stats(q: Quantizer, invariant: str, got: dict[str, Tensor], exp
 def _loss_tolerance(*losses: Tensor) -> tuple[float, float]:
     # losses are means over rows: the same rows summed in another order agree to a few float32 ulps.
     return 1e-5, 1e-6 * _scale(*losses)
+
+
+def utilization_after_training(q: Quantizer, x: Tensor, optimizer: torch.optim.Optimizer, steps: int,
+                                loss_fn: Callable[[QuantizerOutput], Tensor] | None = None) -> float:
+    """Fraction of q's codebook that ``q.encode(x)`` uses (in eval mode) after ``steps`` optimizer steps on x.
+
+    The loss is the quantizer's own ``out.loss`` unless ``loss_fn(out)`` is given: the measurement behind tests of
+    codebook collapse and dead-code revival.
+    """
+    q.train()
+    for _ in range(steps):
+        out = q(x)
+        loss = out.loss if loss_fn is None else loss_fn(out)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    q.eval()
+    return q.encode(x).unique().numel() / q.codebook_size
 
 
 def example_input(q: Quantizer, batch: int = 2, length: int = 6, dtype: torch.dtype = torch.float32,

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from quantkit import MultiScaleResidualQuantizer, create_quantizer
 from quantkit.quantizers import DeadCodeConfig
-from quantkit.testing import check_quantizer
+from quantkit.testing import check_quantizer, utilization_after_training
 
 patch_st = st.sampled_from([(1, 2, 3), (1, 2, 3, 4), (1, 3, 5), (2, (3, 2), (4, 3))])
 
@@ -141,33 +141,9 @@ def _multiscale_utilization(dead_code) -> float:
     torch.manual_seed(0)
     q = MultiScaleResidualQuantizer(4, 64, patch_nums=(1, 2, 4), dead_code=dead_code)
     f = 6.0 + torch.randn(32, 4, 4, 4)  # residuals away from the random initial codes
-    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
-    q.train()
-    for _ in range(5):
-        out = q(f)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    q.eval()
-    return q.encode(f).unique().numel() / q.codebook_size
+    return utilization_after_training(q, f, torch.optim.Adam(q.parameters(), lr=1e-2), steps=5)
 
 
 def test_dead_code_revival_keeps_the_shared_codebook_in_use():
     assert _multiscale_utilization(None) < 0.2  # without revival: a handful of codes, the rest never picked again
     assert _multiscale_utilization(DeadCodeConfig()) > 0.5
-
-
-def test_revival_state_is_training_only_and_loads_from_older_checkpoints():
-    q = MultiScaleResidualQuantizer(4, 16, patch_nums=(1, 2), dead_code=DeadCodeConfig())
-    x = torch.randn(3, 4, 2, 2)
-    q.eval()
-    before = {k: v.clone() for k, v in q.state_dict().items()}
-    q(x)
-    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
-    q.train()
-    q(x)
-    assert int(q.steps) == 1 and float(q.usage.sum()) != 16.0
-    state = {k: v for k, v in q.state_dict().items() if k not in ("usage", "steps")}
-    fresh = MultiScaleResidualQuantizer(4, 16, patch_nums=(1, 2))
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.codebook, q.codebook) and int(fresh.steps) == 0

@@ -330,3 +330,25 @@ def test_variant_known_violation_still_fails(variant, check):
     q = create_quantizer(name, **_variant_kwargs(name, overrides))
     x = 10 * testing.example_input(q, batch=16, length=64, seed=5)
     testing.CHECKS[check](q, x)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda **kw: quantkit.quantizers.SoftVQ(4, 16, **kw), torch.randn(32, 4)),
+    (lambda **kw: quantkit.quantizers.MultiScaleResidualQuantizer(4, 16, patch_nums=(1, 2), **kw),
+     torch.randn(3, 4, 2, 2)),
+], ids=["softvq", "multiscale_residual"])
+def test_revival_state_is_training_only_and_older_checkpoints_load(make, x):
+    """Opt-in dead-code revival adds usage/step buffers: eval never touches them, training counts, and a
+    checkpoint saved before the buffers existed still loads."""
+    q = make(dead_code=quantkit.quantizers.DeadCodeConfig())
+    q.eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q(x)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    q.train()
+    q(x)
+    assert int(q.steps) == 1 and float(q.usage.sum()) != 16.0
+    state = {k: v for k, v in q.state_dict().items() if k not in ("usage", "steps")}
+    fresh = make()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.codebook, q.codebook) and int(fresh.steps) == 0

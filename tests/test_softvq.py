@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from quantkit import SoftVQ, create_quantizer
 from quantkit.quantizers import DeadCodeConfig
-from quantkit.testing import check_quantizer
+from quantkit.testing import check_quantizer, utilization_after_training
 
 
 def _brute(z, codebook, log_t, metric):
@@ -105,34 +105,11 @@ def _softvq_utilization(**kwargs) -> float:
     q = SoftVQ(4, 64, **kwargs)
     direction = torch.tensor([1.0, 1.0, 0.0, 0.0])
     z = 3.0 * direction + torch.randn(1024, 4)  # latents on a cap of the sphere, as an encoder's often are
-    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
-    q.train()
-    for _ in range(5):
-        out = q(z)
-        loss = (out.quantized - torch.nn.functional.normalize(z, dim=-1)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    q.eval()
-    return q.encode(z).unique().numel() / q.codebook_size
+    target = torch.nn.functional.normalize(z, dim=-1)
+    return utilization_after_training(q, z, torch.optim.Adam(q.parameters(), lr=1e-2), steps=5,
+                                      loss_fn=lambda out: (out.quantized - target).square().mean())
 
 
 def test_dead_code_revival_keeps_the_codebook_in_use():
     assert _softvq_utilization(dead_code=None) < 0.35  # codes off the cap get no softmax mass, no gradient
     assert _softvq_utilization(dead_code=DeadCodeConfig()) > 0.5
-
-
-def test_revival_is_training_only_and_older_checkpoints_load():
-    q = SoftVQ(4, 16, dead_code=DeadCodeConfig())
-    z = torch.randn(32, 4)
-    q.eval()
-    before = {k: v.clone() for k, v in q.state_dict().items()}
-    q(z)
-    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
-    q.train()
-    q(z)
-    assert int(q.steps) == 1
-    state = {k: v for k, v in q.state_dict().items() if k not in ("usage", "steps")}
-    fresh = SoftVQ(4, 16)
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.codebook, q.codebook) and int(fresh.steps) == 0

@@ -7,7 +7,7 @@ import torch
 
 from quantkit import VQGANLCQuantizer, create_quantizer
 from quantkit.quantizers.codebook import faiss_kmeans
-from quantkit.testing import check_quantizer
+from quantkit.testing import check_quantizer, utilization_after_training
 
 
 def test_check_quantizer_contract():
@@ -82,15 +82,7 @@ def _lc_utilization(init_from_data: bool) -> float:
     torch.manual_seed(0)
     q = VQGANLCQuantizer(8, 256, 16, init_from_data=init_from_data)
     z = 8.0 + torch.randn(2048, 8)  # latents whose centre and spread a random projector knows nothing of
-    opt = torch.optim.SGD(q.parameters(), lr=0.1)
-    q.train()
-    for _ in range(3):
-        out = q(z)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    q.eval()
-    return q.encode(z).unique().numel() / q.codebook_size
+    return utilization_after_training(q, z, torch.optim.SGD(q.parameters(), lr=0.1), steps=3)
 
 
 def test_projector_fitted_to_the_latents_keeps_the_projected_codebook_in_use():
