@@ -71,14 +71,20 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, d)
         d = dict(d)
         if "pixel_range" in d:
             d["pixel_range"] = tuple(float(v) for v in d["pixel_range"])
         return cls(**d)
+
+
+def reject_unknown_fields(cls, d: dict[str, Any]) -> None:
+    """Raises a ValueError naming the keys of ``d`` that are not fields of dataclass ``cls`` (a config from another
+    model or version), and the fields it does have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}")
 
 
 def with_overrides(config, overrides: dict[str, Any]):

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data import dataset_channels, load_dataset, stack_batch
-from .base import Tokenizer
+from .base import Tokenizer, reject_unknown_fields
 from .discriminator import DiscriminatorConfig, PatchDiscriminator
 from .losses import GANLossConfig, PerceptualLoss, adaptive_weight, hinge_d_loss, hinge_g_loss
 
@@ -60,10 +60,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, d)
         return cls(**d)
 
     @classmethod
