@@ -50,9 +50,8 @@ constexpr double kCosineEps = 1e-12;        // matches quantkit.ops._COSINE_EPS
 
 template <class S>
 struct Workspace {
-  Scratch<S> panels, tile, tail, row;
-  Scratch<S> partial;  // sliced mode: partial scores of the chunk x tile, between slices
-  Scratch<S> scores;  // J x 2L spill for the top-k epilogue
+  Scratch<S> panels, tile, row;
+  Scratch<S> partial;  // sliced mode: partial scores of one panel x tile, between slices
 };
 
 // One task: rows [r0, r1) against codes [c0, c1). best/best_idx are (r1 - r0, k) row-major running state.
