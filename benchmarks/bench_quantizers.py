@@ -231,8 +231,10 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     s = meta["shape"]
     lines = [f"Training step (forward + backward + codebook update), {s['tokens']:,} tokens x dim {s['dim']}, "
              f"{s['codes']:,} codes (residual: depth {s['depth']}); {meta['device']}, torch {meta['torch']}, "
-             f"median of {meta['repeats']} after {meta['warmup']} warm-up; CPU memory is peak RSS growth, capped "
-             f"at {meta['mem_cap_gb']} GiB.", "",
+             f"median of {meta['repeats']} after {meta['warmup']} warm-up; " +
+             ("memory is the peak CUDA memory allocated during a step, above what was allocated before it."
+              if str(meta["device"]).startswith("cuda") else
+              f"CPU memory is peak RSS growth, capped at {meta['mem_cap_gb']} GiB."), "",
              "| method | quantkit time | peer | peer time | speed-up | quantkit peak mem | peer peak mem | "
              "memory ratio |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -13,6 +13,7 @@ below do, one row chunk at a time, which bounds their memory by ``_REF_CHUNK_ELE
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,20 @@ _L2, _COSINE, _DOT = 0, 1, 2
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REF_CHUNK_ELEMENTS = 1 << 22  # rows x codes held at once by a reference (16 MiB of float32)
 _COSINE_EPS = 1e-12
+_CUDA_MAX_K = 32  # the CUDA nearest_codeword kernel keeps a row's k best in registers
+_CUDA_SOFT_ASSIGN_MAX_BYTES = 64 * 1024  # the CUDA soft_assign kernel's per-row accumulator (D x 4 or 8 bytes)
+
+
+def _torch_minor() -> tuple[int, int]:
+    major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return major, minor
+
+
+#: Whether an error raised inside the compiled kernels reaches Python as a RuntimeError. On torch 2.11 (CUDA 13
+#: build, seen on an H200 machine) any C++ error thrown across the stable-ABI boundary killed the process with a
+#: segmentation fault, CPU and CUDA kernels alike; on 2.13 it raises. Below 2.13 the wrappers therefore check in
+#: Python, before calling a kernel, everything the kernels would reject (non-finite values included).
+_KERNEL_ERRORS_RAISE = _torch_minor() >= (2, 13)
 
 _lib = torch.library.Library("quantkit", "DEF")
 _lib.define("nearest_codeword(Tensor z, Tensor codebook, int metric, int k) -> (Tensor indices, Tensor distances)")
@@ -83,6 +98,17 @@ def _common_dtype(z: Tensor, codebook: Tensor) -> torch.dtype:
 def _check_finite(op: str, name: str, t: Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{op}: {name} contains NaN or inf; quantkit rejects non-finite inputs")
+
+
+def _check_values_before_kernel(op: str, **tensors: Tensor) -> None:
+    """Where kernel errors cannot reach Python (see ``_KERNEL_ERRORS_RAISE``), rejects non-finite inputs here.
+
+    Skipped while compiling (a data-dependent check would break the graph); there the kernel's own check stands.
+    """
+    if _KERNEL_ERRORS_RAISE or torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        _check_finite(op, name, t)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -215,6 +241,10 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
     code = _metric_code("nearest_codeword", metric)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= codebook.shape[0]:
         raise ValueError(f"nearest_codeword: k must be an int in [1, K={codebook.shape[0]}], got {k!r}")
+    if k > _CUDA_MAX_K and z.is_cuda and _ext.has_kernel("nearest_codeword", "CUDA"):
+        raise ValueError(f"nearest_codeword: the CUDA kernel supports k <= {_CUDA_MAX_K}, got k={k}; run this search "
+                         "on the CPU or with a smaller k")
+    _check_values_before_kernel("nearest_codeword", z=z, codebook=codebook)
     dtype = _common_dtype(z, codebook)
     indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k)
     if k == 1:
@@ -278,8 +308,9 @@ def soft_assign_backward_reference(grad_out, z, codebook, temperature, out, lse,
 def _check_soft_values(z: Tensor, codebook: Tensor, temperature: Tensor) -> None:
     _check_finite("soft_assign", "z", z)
     _check_finite("soft_assign", "codebook", codebook)
-    if not bool(torch.isfinite(temperature)) or float(temperature) <= 0:
-        raise ValueError(f"soft_assign: temperature must be a finite positive number, got {float(temperature)}")
+    value = float(temperature.detach())
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"soft_assign: temperature must be a finite positive number, got {value}")
 
 
 @torch.library.impl(_lib, "soft_assign", "CompositeExplicitAutograd")
@@ -343,8 +374,13 @@ def soft_assign(z: Tensor, codebook: Tensor, temperature: float | Tensor = 1.0, 
     elif temperature.numel() != 1:
         raise ValueError(f"soft_assign: temperature must be a scalar, got shape {tuple(temperature.shape)}")
     dtype = _common_dtype(z, codebook)
+    max_dim = _CUDA_SOFT_ASSIGN_MAX_BYTES // (8 if dtype == torch.float64 else 4)
+    if z.shape[1] > max_dim and z.is_cuda and _ext.has_kernel("soft_assign", "CUDA"):
+        raise ValueError(f"soft_assign: the CUDA kernel supports D <= {max_dim} for {dtype}, got D={z.shape[1]}")
     z, codebook = z.to(dtype), codebook.to(dtype)
     temperature = temperature.reshape(()).to(_compute_dtype(dtype))
+    if not _KERNEL_ERRORS_RAISE and not torch.compiler.is_compiling():
+        _check_soft_values(z, codebook, temperature)
     if code == _COSINE:
         z = torch.nn.functional.normalize(z, dim=-1, eps=_COSINE_EPS)
         codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=_COSINE_EPS)

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (torch 2.11 + CUDA 13, H200, no package registry).
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh        # about 5-8 minutes; every step has its own timeout
+#   OUT=/some/dir bash scripts/gpu_check.sh        # about 6-8 minutes; every step has its own timeout
 #
-#   GPU_CHECK_BUDGET (default 470 s) caps the whole script.
+#   GPU_CHECK_BUDGET (default 450 s) caps the whole script.
+# 0. installs the wheels carried in .whl/ (faiss-cpu, vector-quantize-pytorch and its needs) under /tmp/site;
 # 1. builds the extension against the machine's torch (QUANTKIT_CUDA=1, sm_90 only to keep it short);
 # 2. runs the CUDA tests (tests/test_cuda.py, `-m cuda`) and the build tests (tests/test_build.py);
-# 3. times nearest_codeword exact / fast mode against a chunked torch matmul + argmin on the issue's shapes;
-# 4. runs benchmarks/bench_nearest.py --device cuda.
-# Everything it prints goes to $OUT/gpu_check.log, each step also to its own log; a summary line per step at the
-# end. It never stops at a failed step: the later steps still tell something.
+# 3. scripts/gpu_timing.py: nearest_codeword exact / fast mode against torch matmul + argmin, torch.cdist and
+#    vector-quantize-pytorch on the issue's six shapes (time, peak memory, agreement with a float64 argmin);
+# 4. benchmarks/bench_quantizers.py --device cuda: training steps against vector-quantize-pytorch.
+# Everything it prints goes to $OUT/gpu_check.log, each step also to its own log under $OUT/logs, packed into
+# $OUT/logs.tar.gz at the end; a summary line per step. It never stops at a failed step: the later steps still
+# tell something. `bash scripts/gpu_check.sh` with GPU_CHECK_NEAREST_BENCH=1 also runs bench_nearest on the GPU.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
-export OUT
-PY=${PYTHON:-python}
+LOGS=$OUT/logs  # every step's log and result file, packed into $OUT/logs.tar.gz at the end (8 files come back)
+mkdir -p "$LOGS"
+PY=${PYTHON:-python3}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 declare -a SUMMARY=()
-BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole script; each step gets at most what is left
-step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a timeout, logs to $OUT/NAME.log
+BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole script; each step gets at most what is left
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a timeout, logs to $LOGS/NAME.log
   local name=$1 limit=$2
   shift 2
   local left=$((BUDGET - SECONDS))
@@ -27,71 +30,41 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a timeout, logs to
   ((limit > left)) && limit=$left
   echo "== $name (limit ${limit}s) $(date -u +%T)"
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log"
+  tail -n 40 "$LOGS/$name.log"
   SUMMARY+=("$name: rc=$rc in $((SECONDS - start))s")
   echo "== $name: rc=$rc in $((SECONDS - start))s"
 }
 
+if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (faiss-cpu, vector-quantize-pytorch and its needs)
+  step wheels 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 step env 60 bash -c "nvidia-smi; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'; nvcc --version || ls /usr/local/cuda*/bin/nvcc"
 
 export QUANTKIT_CUDA=1 QUANTKIT_CUDA_ARCHS=${QUANTKIT_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-8}
-step build 300 $PY -m pip install --no-build-isolation --no-deps -v -e .
+step build 240 $PY -m pip install --no-build-isolation --no-deps -v -e .
 if ! ls quantkit/_C*.so > /dev/null 2>&1; then  # pip without PEP 660 support, or the build failed: plain setup.py
   step build_inplace 240 $PY setup.py build_ext --inplace
 fi
 step info 60 $PY -m quantkit info
 
 export QUANTKIT_EXPECT_CUDA_KERNELS=1 QUANTKIT_EXPECT_EXT=1 HYPOTHESIS_PROFILE=ci
-step test_cuda 240 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rfE --durations=15 \
-  --junitxml="$OUT/test_cuda.xml"
+step test_cuda 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rfE --durations=15 \
+  --junitxml="$LOGS/test_cuda.xml"
 step test_build 90 $PY -m pytest -q -p no:cacheprovider tests/test_build.py -rfE
 
-step timing 150 $PY - <<'PYEOF'
-"""Median ms of nearest_codeword (exact, fast) and of a chunked torch matmul + argmin, on the issue's shapes."""
-import json, os, time
-import torch
-from quantkit import ops
+step timing 120 env OUT="$LOGS" $PY scripts/gpu_timing.py
+step bench_quantizers 130 $PY benchmarks/bench_quantizers.py --device cuda --warmup 1 --repeats 3 --out "$LOGS"
+if [[ ${GPU_CHECK_NEAREST_BENCH:-0} == 1 ]]; then
+  step bench_nearest 150 $PY benchmarks/bench_nearest.py --methods faiss cuda_mm quantkit_cuda --threads 16 \
+    --stem nearest_cuda
+fi
 
-def median_ms(fn, reps=7):
-    fn(); torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); fn(); end.record(); torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-def matmul_argmin(z, c, chunk=8192):
-    half = 0.5 * c.square().sum(1)
-    return torch.cat([(z[i:i + chunk] @ c.T - half).argmax(1) for i in range(0, z.shape[0], chunk)])
-
-rows = []
-for n, d, k in [(16384, 8, 16384), (16384, 32, 16384), (16384, 256, 16384), (65536, 8, 65536),
-                (16384, 8, 100000), (4096, 768, 100000)]:
-    z, c = torch.randn(n, d, device="cuda"), torch.randn(k, d, device="cuda")
-    row = {"N": n, "D": d, "K": k}
-    os.environ.pop("QUANTKIT_CUDA_NEAREST", None)
-    exact = ops.nearest_codeword(z, c).indices
-    row["exact_ms"] = median_ms(lambda: ops.nearest_codeword(z, c))
-    os.environ["QUANTKIT_CUDA_NEAREST"] = "fast"
-    fast = ops.nearest_codeword(z, c).indices
-    row["fast_ms"] = median_ms(lambda: ops.nearest_codeword(z, c))
-    os.environ.pop("QUANTKIT_CUDA_NEAREST")
-    row["fast_equals_exact"] = bool(torch.equal(fast, exact))
-    row["matmul_argmin_ms"] = median_ms(lambda: matmul_argmin(z, c))
-    row["agree_matmul"] = float((matmul_argmin(z, c) == exact).float().mean())
-    for key in ("exact", "fast"):
-        row[f"{key}_gflops"] = 2 * n * k * d / row[f"{key}_ms"] / 1e6
-    zs, cs = torch.randn(n, min(d, 64), device="cuda"), torch.randn(min(k, 16384), min(d, 64), device="cuda")
-    row["soft_fwd_ms(N,min(D,64),min(K,16384))"] = median_ms(lambda: ops.soft_assign(zs, cs, 1.0), reps=3)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "timing.json"), "w"), indent=1)
-PYEOF
-
-step bench 180 $PY benchmarks/bench_nearest.py --device cuda
-
+cp benchmarks/results/nearest_cuda.* "$LOGS"/ 2> /dev/null
 echo "== summary"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+cp "$LOGS"/timing.json "$LOGS"/bench_quantizers.md "$OUT"/ 2> /dev/null
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"  # at most 8 files come back from the device

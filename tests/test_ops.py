@@ -350,7 +350,17 @@ def test_bad_input_raises_and_names_the_argument(case):
         call()
 
 
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda case: case[0])
+def test_where_kernel_errors_crash_no_bad_call_reaches_a_kernel(case, monkeypatch):
+    """torch 2.11 kills the process on an error thrown inside a kernel: there the wrappers must catch it all first."""
+    monkeypatch.setattr(ops, "_KERNEL_ERRORS_RAISE", False)
+    _, call, name = case
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
 @pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+@pytest.mark.skipif(not ops._KERNEL_ERRORS_RAISE, reason="this torch crashes on errors thrown inside kernels")
 def test_kernels_reject_bad_input_themselves():
     z, codebook, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor(1.0)
     nan_z, inf_c = z.clone(), codebook.clone()
