@@ -305,6 +305,47 @@ def test_resumed_training_repeats_the_losses_of_an_uninterrupted_run(tiny_tokeni
         train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "full"))
 
 
+def _checkpoint(run, step):
+    from safetensors.torch import load_file
+
+    folder = run / "checkpoints" / f"step_{step:07d}"
+    return load_file(str(folder / "model.safetensors")), torch.load(folder / "train_state.pt", weights_only=True)
+
+
+def test_ema_checkpoint_holds_the_decayed_average_of_the_weights(tiny_tokenizers, tmp_path):
+    from quantkit.generators.train import load_generator, train_generator
+
+    train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "ema", steps=3, checkpoint_every=1,
+                               keep_checkpoints=3, ema_decay=0.75))
+    (ema1, state1), (ema2, state2), (ema3, state3) = (_checkpoint(tmp_path / "ema", s) for s in (1, 2, 3))
+    for name, w1 in state1["weights"].items():
+        w2, w3 = state2["weights"][name], state3["weights"][name]
+        torch.testing.assert_close(ema1[name], w1)  # the first update copies the weights
+        expected = 0.75 * (0.75 * w1 + 0.25 * w2) + 0.25 * w3
+        torch.testing.assert_close(ema3[name], expected, rtol=1e-5, atol=1e-6)
+    assert state3["ema_updates"] == 3
+    assert any(not torch.equal(ema3[k], state3["weights"][k]) for k in ema3)
+    model, _ = load_generator(tmp_path / "ema")  # sampling loads the average
+    torch.testing.assert_close(model.state_dict(), {k: v for k, v in ema3.items()})
+
+
+def test_resumed_ema_run_ends_with_the_weights_and_average_of_an_uninterrupted_run(tiny_tokenizers, tmp_path):
+    from quantkit.generators.train import train_generator
+
+    train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "full", ema_decay=0.9))
+    train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "part", steps=2, ema_decay=0.9))
+    train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "part", ema_decay=0.9), resume=True)
+    (full_ema, full_state), (part_ema, part_state) = _checkpoint(tmp_path / "full", 4), _checkpoint(tmp_path / "part", 4)
+    for k in full_ema:
+        torch.testing.assert_close(part_ema[k], full_ema[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(part_state["weights"][k], full_state["weights"][k], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):  # the other setting cannot resume it
+        train_generator(_train_cfg(tiny_tokenizers["a"], tmp_path / "part", steps=6), resume=True)
+    for bad in (1.0, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="ema_decay"):
+            _train_cfg(tiny_tokenizers["a"], tmp_path / "bad", ema_decay=bad)
+
+
 def test_sample_writes_a_grid_and_ids_and_refuses_bad_requests(tiny_tokenizers, tmp_path):
     from quantkit.generators.sample import sample
     from quantkit.generators.train import train_generator

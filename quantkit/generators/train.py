@@ -60,6 +60,9 @@ class GeneratorTrainConfig(RunConfig):
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # > 0: also keep an exponential moving average of the weights, ema = d * ema + (1 - d) * weights after every
+    # step (Polyak & Juditsky 1992); checkpoints then hold the average (what sampling uses), train_state the weights
+    ema_decay: float = 0.0
     seed: int = 0
     out_dir: str = "runs/generator"
     checkpoint_every: int = 500
@@ -71,6 +74,9 @@ class GeneratorTrainConfig(RunConfig):
 
     def __post_init__(self):
         self._check_loop_fields()
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
+                or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"GeneratorTrainConfig.ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
         if not self.tokenizer:
             raise ValueError("GeneratorTrainConfig.tokenizer: give the run folder of a trained quantkit tokenizer "
                              "(quantkit train-tokenizer --out DIR)")
@@ -257,6 +263,16 @@ class _LossModule(nn.Module):
         return self.model.loss(ids, labels)
 
 
+def _saved_model_and_state(model: TokenGenerator, ema, opt, step: int) -> tuple[nn.Module, dict[str, Any]]:
+    """What a checkpoint holds: the weights to sample with (the average in an EMA run) and the state to resume."""
+    state: dict[str, Any] = {"step": step, "optimizer": opt.state_dict()}
+    if ema is None:
+        return model, state
+    state["weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state["ema_updates"] = int(ema.n_averaged)
+    return ema.module, state
+
+
 def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool = False,
                     callback: Callable[[int, float], None] | None = None) -> GeneratorTrainResult:
     """Trains a generator on the token IDs of ``config.tokenizer``; returns the final checkpoint.
@@ -284,6 +300,11 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
     model = generator_for_tokenizer(config.generator, tokenizer, num_classes, config.model_config).to(device)
     del tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    ema = None
+    if config.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     start, losses = 0, []
     if has_checkpoint:
         from safetensors.torch import load_file
@@ -292,8 +313,15 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
         meta = json.loads((ckpt / "config.json").read_text())
         if meta.get("generator") != config.generator:
             raise ValueError(f"{str(out_dir)!r} holds a {meta.get('generator')!r} run, not {config.generator!r}")
-        load_weights(model, load_file(str(ckpt / "model.safetensors"), device=str(device)), str(ckpt))
+        saved = load_file(str(ckpt / "model.safetensors"), device=str(device))  # the average, in an EMA run
         state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True)
+        if (ema is None) != ("weights" not in state):
+            raise ValueError(f"{str(out_dir)!r} was trained with ema_decay "
+                             f"{'> 0' if 'weights' in state else '= 0'}; resume it with the same setting")
+        load_weights(model, state["weights"] if ema is not None else saved, str(ckpt))
+        if ema is not None:
+            load_weights(ema.module, saved, str(ckpt))
+            ema.n_averaged.fill_(int(state["ema_updates"]))
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         _truncate_metrics(out_dir / "metrics.jsonl", start)
@@ -330,6 +358,8 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             window.append(float(loss.detach()))
             if step % config.log_every == 0 or step == config.steps:
@@ -346,10 +376,12 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
             if callback is not None and rank == 0:
                 callback(step, window[-1] if window else float(loss.detach()))
             if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-                save_checkpoint(out_dir, step, model, config, {"step": step, "optimizer": opt.state_dict()}, last)
+                saved_model, train_state = _saved_model_and_state(model, ema, opt, step)
+                save_checkpoint(out_dir, step, saved_model, config, train_state, last)
     except KeyboardInterrupt:
         if rank == 0:
-            path = save_checkpoint(out_dir, step, model, config, {"step": step, "optimizer": opt.state_dict()}, last)
+            saved_model, train_state = _saved_model_and_state(model, ema, opt, step)
+            path = save_checkpoint(out_dir, step, saved_model, config, train_state, last)
             print(f"\n[quantkit] interrupted at step {step}; checkpoint saved to {path}; continue with --resume",
                   file=sys.stderr)
         raise
@@ -376,6 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay (0: off)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", dest="out_dir", help="output folder (default runs/generator)")
     parser.add_argument("--checkpoint-every", type=int)
@@ -389,8 +422,8 @@ def run(args: argparse.Namespace) -> None:
     if args.config:
         with open(args.config) as f:
             d = json.load(f)
-    for name in ("generator", "tokenizer", "model_config", "data", "steps", "batch_size", "lr", "seed", "out_dir",
-                 "checkpoint_every", "device"):
+    for name in ("generator", "tokenizer", "model_config", "data", "steps", "batch_size", "lr", "ema_decay", "seed",
+                 "out_dir", "checkpoint_every", "device"):
         if getattr(args, name) is not None:
             d[name] = getattr(args, name)
     if args.no_progress:
