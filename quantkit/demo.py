@@ -160,11 +160,13 @@ def _report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators
              f"wall time {seconds / 60:.1f} min.", "",
              f"Judge: a digit classifier trained by quantkit on the digits train split, test accuracy "
              f"{classifier_accuracy:.1%}.", "",
-             "| generator | tokenizer | params | cond. accuracy | Frechet distance | floor | FD / floor | images/s | "
+             "| generator | tokenizer | params | cond. accuracy | Frechet distance (mean ± sd of 4 sample sets) | "
+             "floor (mean of 4 train subsets) | FD / floor | images/s | "
              "net evals / image |", "|---|---|---|---|---|---|---|---|---|"]
     for r, name in zip(rows, generators):
         lines.append(f"| {name} | {TOKENIZER_OF[name]} | {r['parameters']:,} | {r['conditional_accuracy']:.1%} | "
-                     f"{r['frechet_distance']:.3f} | {r['floor_frechet_distance']:.3f} | {r['fd_over_floor']:.2f} | "
+                     f"{r['frechet_distance']:.3f} ± {r['frechet_distance_std']:.3f} | {r['floor_frechet_distance']:.3f} | "
+                     f"{r['fd_over_floor']:.2f} | "
                      f"{r['images_per_second']:.1f} | {r['evaluations_per_image']} |")
     lines += ["", "| tokenizer | run | reconstruction floor FD | classifier accuracy on reconstructions |",
               "|---|---|---|---|"]

@@ -85,6 +85,33 @@ def test_evaluate_generator_reports_every_number(tmp_path):
     assert report["evaluations_per_image"] == 2
 
 
+def test_evaluation_averages_the_draws_it_reports():
+    from quantkit.evaluation.generation import evaluate_generator, reference_sets
+    from quantkit.generators import create_generator
+    from quantkit.tokenizers import create_tokenizer
+
+    tok = create_tokenizer("vqvae", hidden=8, res_hidden=4, embed_dim=2, num_res_blocks=1, quantizer="fsq",
+                           quantizer_kwargs={"levels": [4, 4]}).eval()
+    clf = DigitClassifier(ClassifierConfig()).eval()
+    one, other, both = (reference_sets(tok, clf, seed=s, draws=d) for s, d in ((0, 1), (1, 1), (0, 2)))
+    assert both.floor_fd == pytest.approx((one.floor_fd + other.floor_fd) / 2)
+    assert both.floor_fd_std == pytest.approx(abs(one.floor_fd - other.floor_fd) / 2)
+    gen = create_generator("maskgit", vocab_size=tok.vocab_size, token_shape=tok.token_shape, dim=16, depth=1,
+                           heads=2)
+    first, second = (evaluate_generator(gen, tok, clf, both, steps=2, seed=s, draws=1) for s in (5, 6))
+    mean = evaluate_generator(gen, tok, clf, both, steps=2, seed=5, draws=2)
+    assert first["frechet_distance"] != second["frechet_distance"]  # the draws differ
+    assert mean["frechet_distance"] == pytest.approx((first["frechet_distance"] + second["frechet_distance"]) / 2)
+    assert mean["conditional_accuracy"] == pytest.approx(
+        (first["conditional_accuracy"] + second["conditional_accuracy"]) / 2)
+    assert mean["draws"] == 2 and mean["frechet_distance_std"] > 0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="draws"):
+            evaluate_generator(gen, tok, clf, both, steps=2, draws=bad)
+        with pytest.raises(ValueError, match="draws"):
+            reference_sets(tok, clf, draws=bad)
+
+
 def _row(name, guidance, accuracy, ratio):
     return {"generator": name, "guidance": guidance, "conditional_accuracy": accuracy, "fd_over_floor": ratio}
 

@@ -7,9 +7,14 @@ samples are drawn for exactly the test labels, and the floor reconstructs a clas
 digits - because the finite-sample bias of a Frechet distance depends on the set size. The floor is therefore
 what a generator that had learned the training tokens perfectly would score (reconstruction error + sampling
 noise); the reconstructions of the test digits themselves are reported too, as a tighter, paired reference.
+
+At this set size (360) one Frechet distance is noisy: two sample sets of the same generator differ by up to 40%.
+So both sides are averaged over several draws - the floor over ``draws`` class-matched train subsets, a generator
+over ``draws`` sample sets (seeds ``seed .. seed + draws - 1``) - and the spread across draws is reported.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -27,10 +32,11 @@ class ReferenceSets:
     test_images: Tensor  # (N, 1, S, S) in [0, 1]
     test_labels: Tensor  # (N,)
     test_features: Tensor  # (N, D) float64
-    floor_fd: float  # reconstructions of a class-matched train subset vs test
+    floor_fd: float  # reconstructions of a class-matched train subset vs test (mean over draws)
     recon_test_fd: float  # reconstructions of the test digits themselves vs test (paired, tighter)
-    real_train_fd: float  # real class-matched train subset vs test (data noise alone)
+    real_train_fd: float  # real class-matched train subset vs test (data noise alone; mean over draws)
     recon_accuracy: float  # classifier accuracy on the test reconstructions
+    floor_fd_std: float = 0.0  # spread of the floor over the train subsets (0 for one draw)
 
 
 def class_matched_subset(labels: Tensor, like: Tensor, seed: int = 0) -> Tensor:
@@ -56,21 +62,30 @@ def reconstruct(tokenizer, images01: Tensor, batch_size: int = 256) -> Tensor:
     return torch.cat(out)
 
 
-def reference_sets(tokenizer, classifier: DigitClassifier, image_size: int = 16, seed: int = 0) -> ReferenceSets:
+def reference_sets(tokenizer, classifier: DigitClassifier, image_size: int = 16, seed: int = 0, draws: int = 4
+                   ) -> ReferenceSets:
+    """The test features and the reference distances; floor and real-train FDs average ``draws`` train subsets."""
     from ..data import DigitsDataset
 
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"reference_sets: draws must be a positive int, got {draws!r}")
     train, test = DigitsDataset("train", image_size), DigitsDataset("test", image_size)
     _, test_feats = classifier.predict(test.images)
-    subset = class_matched_subset(train.labels, test.labels, seed)
-    _, train_feats = classifier.predict(train.images[subset])
-    _, floor_feats = classifier.predict(reconstruct(tokenizer, train.images[subset]))
+    _, train_recon_feats = classifier.predict(reconstruct(tokenizer, train.images))
+    _, train_feats = classifier.predict(train.images)
+    floors, reals = [], []
+    for draw in range(draws):
+        subset = class_matched_subset(train.labels, test.labels, seed + draw)
+        floors.append(frechet_distance(train_recon_feats[subset], test_feats))
+        reals.append(frechet_distance(train_feats[subset], test_feats))
     recon_pred, recon_feats = classifier.predict(reconstruct(tokenizer, test.images))
     return ReferenceSets(
         test_images=test.images, test_labels=test.labels, test_features=test_feats,
-        floor_fd=frechet_distance(floor_feats, test_feats),
+        floor_fd=statistics.fmean(floors),
         recon_test_fd=frechet_distance(recon_feats, test_feats),
-        real_train_fd=frechet_distance(train_feats, test_feats),
+        real_train_fd=statistics.fmean(reals),
         recon_accuracy=float((recon_pred == test.labels).float().mean()),
+        floor_fd_std=statistics.pstdev(floors),
     )
 
 
@@ -94,13 +109,24 @@ def sample_images(generator_model, tokenizer, labels: Tensor, steps: int | None 
 
 def evaluate_generator(generator_model, tokenizer, classifier: DigitClassifier, refs: ReferenceSets,
                        steps: int | None = None, sampling: SamplingConfig | None = None, seed: int = 0,
-                       batch_size: int = 128) -> dict:
-    """Samples the test split's labels once and scores them. Returns a flat dict of numbers (JSON-ready)."""
+                       batch_size: int = 128, draws: int = 4) -> dict:
+    """Samples the test split's labels ``draws`` times (seeds ``seed``, ``seed + 1``, ...) and scores each set.
+
+    Returns a flat dict of numbers (JSON-ready): accuracy and Frechet distance are means over the draws;
+    ``frechet_distance_std`` is their spread; images per second counts every draw.
+    """
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"evaluate_generator: draws must be a positive int, got {draws!r}")
     sampling = sampling or SamplingConfig()
-    images, _, seconds = sample_images(generator_model, tokenizer, refs.test_labels, steps, sampling, seed,
-                                       batch_size)
-    pred, feats = classifier.predict(images)
-    fd = frechet_distance(feats, refs.test_features)
+    fds, accuracies, seconds = [], [], 0.0
+    for draw in range(draws):
+        images, _, spent = sample_images(generator_model, tokenizer, refs.test_labels, steps, sampling, seed + draw,
+                                         batch_size)
+        pred, feats = classifier.predict(images)
+        fds.append(frechet_distance(feats, refs.test_features))
+        accuracies.append(float((pred == refs.test_labels).float().mean()))
+        seconds += spent
+    fd = statistics.fmean(fds)
     return {
         "generator": generator_model.registry_name,
         "parameters": generator_model.num_parameters(),
@@ -108,11 +134,13 @@ def evaluate_generator(generator_model, tokenizer, classifier: DigitClassifier, 
         "guidance": sampling.guidance,
         "temperature": sampling.temperature,
         "samples": len(refs.test_labels),
-        "conditional_accuracy": float((pred == refs.test_labels).float().mean()),
+        "draws": draws,
+        "conditional_accuracy": statistics.fmean(accuracies),
         "frechet_distance": fd,
+        "frechet_distance_std": statistics.pstdev(fds),
         "floor_frechet_distance": refs.floor_fd,
         "fd_over_floor": fd / refs.floor_fd if refs.floor_fd > 0 else float("inf"),
-        "images_per_second": len(refs.test_labels) / seconds,
+        "images_per_second": draws * len(refs.test_labels) / seconds,
         "evaluations_per_image": generator_model.evaluations_per_image(steps, sampling.guidance),
     }
 
