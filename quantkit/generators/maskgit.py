@@ -108,19 +108,21 @@ class MaskGIT(TokenGenerator):
         ids = torch.full((B, N), self.mask_id, dtype=torch.long, device=labels.device)
         for t, n_keep_masked in enumerate(masked_counts(N, steps)):
             unknown = ids == self.mask_id  # (B, N)
-            logits = filter_logits(self._guided(ids, labels, sampling.guidance), sampling.temperature,
-                                   sampling.top_k, sampling.top_p)  # (B, N, V)
+            # only the masked positions are sampled and scored (M of them): known tokens stay as they are
+            logits = filter_logits(self._guided(ids, labels, sampling.guidance)[unknown], sampling.temperature,
+                                   sampling.top_k, sampling.top_p)  # (M, V)
             probs = logits.softmax(-1)
-            sampled = torch.multinomial(probs.reshape(B * N, -1), 1, generator=generator).reshape(B, N)
-            sampled = torch.where(unknown, sampled, ids)
+            new_tokens = torch.multinomial(probs, 1, generator=generator)  # (M, 1)
+            sampled = ids.masked_scatter(unknown, new_tokens.squeeze(1))  # row-major order, as [unknown] read
             if n_keep_masked == 0:
                 ids = sampled
                 break
             # confidence of each new token, with Gumbel noise annealed from choice_temperature to 0
-            log_p = torch.log(probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-30))  # (B, N)
+            log_p = torch.log(probs.gather(-1, new_tokens).squeeze(1).clamp_min(1e-30))  # (M,)
             anneal = self.cfg.choice_temperature * (1.0 - (t + 1) / steps)
-            confidence = log_p + anneal * gumbel_noise((B, N), generator, ids.device)
-            confidence = confidence.masked_fill(~unknown, float("inf"))  # known tokens are never re-masked
+            confidence = torch.full((B, N), float("inf"), device=ids.device)  # known tokens are never re-masked
+            confidence = confidence.masked_scatter(unknown, log_p + anneal * gumbel_noise(log_p.shape, generator,
+                                                                                          ids.device))
             remask = confidence.argsort(dim=1)[:, :n_keep_masked]  # (B, n) least confident
             ids = sampled.scatter(1, remask, self.mask_id)
         return ids.reshape(B, *self.cfg.token_shape)

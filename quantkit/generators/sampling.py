@@ -58,9 +58,9 @@ def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
+    sorted_probs = sorted_logits.softmax(-1)
     # drop a token when the mass *before* it already reaches p
-    drop_sorted = (cum - sorted_logits.softmax(-1)) >= p
+    drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

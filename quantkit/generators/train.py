@@ -104,8 +104,10 @@ DIGITS_RECIPES: dict[str, dict[str, Any]] = {
     "maskgit": dict(model_config=dict(dim=64, depth=3, heads=4, dropout=0.0, label_smoothing=0.0,
                                       choice_temperature=20.0), lr=2e-3, batch_size=32,
                     sampling=dict(steps=8, guidance=0.0, temperature=1.0, top_p=0.95)),
-    "var": dict(model_config=dict(dim=64, depth=3, heads=4), lr=2e-3, batch_size=32,
-                sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
+    # VAR memorizes the 1,437 training digits without dropout (loss 0.34 and FD / floor rising after 2,500 steps);
+    # with dropout 0.1 it trains to 5,000 steps: FD / floor 1.82 with nucleus 0.9 and no guidance (4 draws)
+    "var": dict(model_config=dict(dim=64, depth=3, heads=4, dropout=0.1), lr=2e-3, batch_size=32,
+                sampling=dict(guidance=0.0, temperature=1.0, top_p=0.9)),
     "rq_transformer": dict(model_config=dict(dim=64, spatial_depth=3, depth_depth=1, heads=4), lr=2e-3,
                            batch_size=32, sampling=dict(guidance=1.0, temperature=1.0, top_k=32)),
     # the raster baseline at MaskGIT's parameter count (152,776 vs 163,264), as in the speed comparison
