@@ -100,15 +100,12 @@ def _check_finite(op: str, name: str, t: Tensor) -> None:
         raise ValueError(f"{op}: {name} contains NaN or inf; quantkit rejects non-finite inputs")
 
 
-def _check_values_before_kernel(op: str, **tensors: Tensor) -> None:
-    """Where kernel errors cannot reach Python (see ``_KERNEL_ERRORS_RAISE``), rejects non-finite inputs here.
+def _values_checked_in_python() -> bool:
+    """True where kernel errors cannot reach Python (see ``_KERNEL_ERRORS_RAISE``): the wrappers check values first.
 
-    Skipped while compiling (a data-dependent check would break the graph); there the kernel's own check stands.
+    Not while compiling (a data-dependent check would break the graph); there the kernel's own check stands.
     """
-    if _KERNEL_ERRORS_RAISE or torch.compiler.is_compiling():
-        return
-    for name, t in tensors.items():
-        _check_finite(op, name, t)
+    return not _KERNEL_ERRORS_RAISE and not torch.compiler.is_compiling()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,7 +241,9 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
     if k > _CUDA_MAX_K and z.is_cuda and _ext.has_kernel("nearest_codeword", "CUDA"):
         raise ValueError(f"nearest_codeword: the CUDA kernel supports k <= {_CUDA_MAX_K}, got k={k}; run this search "
                          "on the CPU or with a smaller k")
-    _check_values_before_kernel("nearest_codeword", z=z, codebook=codebook)
+    if _values_checked_in_python():
+        _check_finite("nearest_codeword", "z", z)
+        _check_finite("nearest_codeword", "codebook", codebook)
     dtype = _common_dtype(z, codebook)
     indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k)
     if k == 1:
@@ -379,7 +378,7 @@ def soft_assign(z: Tensor, codebook: Tensor, temperature: float | Tensor = 1.0, 
         raise ValueError(f"soft_assign: the CUDA kernel supports D <= {max_dim} for {dtype}, got D={z.shape[1]}")
     z, codebook = z.to(dtype), codebook.to(dtype)
     temperature = temperature.reshape(()).to(_compute_dtype(dtype))
-    if not _KERNEL_ERRORS_RAISE and not torch.compiler.is_compiling():
+    if _values_checked_in_python():
         _check_soft_values(z, codebook, temperature)
     if code == _COSINE:
         z = torch.nn.functional.normalize(z, dim=-1, eps=_COSINE_EPS)
