@@ -33,8 +33,8 @@ from quantkit.generators.train import load_generator
 
 
 
-#: Training steps per generator when --steps is not given. MaskGIT learns slowest on digits: FD / floor 2.6 at
-#: 2,500 steps, 1.8 at 5,000 (4 draws); VAR (dropout 0.1) 2.0 at 3,000, 1.8 at 5,000.
+#: Training steps per generator when --steps is not given. MaskGIT learns slowest on digits (FD / floor 2.6 at
+#: 2,500 steps, 2.1 at 5,000); VAR with dropout 0.1 keeps improving to 5,000 (1.8).
 DEFAULT_STEPS = {"maskgit": 5000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500}
 
 
@@ -68,8 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/generators")
     parser.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline, not quality")
-    parser.add_argument("--steps", type=int, help="generator training steps for all (default: MaskGIT 5000, the "
-                        "others 2500; quick 20)")
+    parser.add_argument("--steps", type=int, help="generator training steps for all (default: DEFAULT_STEPS, "
+                        "MaskGIT and VAR 5000, the others 2500; quick 20)")
     parser.add_argument("--steps-of", nargs="*", default=[], metavar="NAME=STEPS",
                         help="per-generator training steps overriding --steps, e.g. maskgit=5000")
     parser.add_argument("--tokenizer-steps", type=int, help="tokenizer training steps (default 600, quick 20)")
@@ -133,9 +133,7 @@ def main() -> None:
     # the best rows, re-scored on fresh seeds: picking the minimum over guidance scales biases its own draws low
     best = best_rows(rows)
     confirmed = {}
-    for name, row in best.items():
-        if args.confirm_draws < 1:
-            break
+    for name, row in best.items() if args.confirm_draws > 0 else ():
         model, s, gen_steps = models[name]
         kind = TOKENIZER_OF[name]
         report = evaluate_generator(model, tokenizers[kind], clf, refs[kind], gen_steps,

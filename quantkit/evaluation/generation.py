@@ -39,6 +39,11 @@ class ReferenceSets:
     floor_fd_std: float = 0.0  # spread of the floor over the train subsets (0 for one draw)
 
 
+def _check_draws(fn: str, draws: int) -> None:
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"{fn}: draws must be a positive int, got {draws!r}")
+
+
 def class_matched_subset(labels: Tensor, like: Tensor, seed: int = 0) -> Tensor:
     """Indices into ``labels`` with exactly as many items of each class as ``like`` has (random, seeded)."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,8 +72,7 @@ def reference_sets(tokenizer, classifier: DigitClassifier, image_size: int = 16,
     """The test features and the reference distances; floor and real-train FDs average ``draws`` train subsets."""
     from ..data import DigitsDataset
 
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"reference_sets: draws must be a positive int, got {draws!r}")
+    _check_draws("reference_sets", draws)
     train, test = DigitsDataset("train", image_size), DigitsDataset("test", image_size)
     _, test_feats = classifier.predict(test.images)
     _, train_recon_feats = classifier.predict(reconstruct(tokenizer, train.images))
@@ -115,8 +119,7 @@ def evaluate_generator(generator_model, tokenizer, classifier: DigitClassifier, 
     Returns a flat dict of numbers (JSON-ready): accuracy and Frechet distance are means over the draws;
     ``frechet_distance_std`` is their spread; images per second counts every draw.
     """
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"evaluate_generator: draws must be a positive int, got {draws!r}")
+    _check_draws("evaluate_generator", draws)
     sampling = sampling or SamplingConfig()
     fds, accuracies, seconds = [], [], 0.0
     for draw in range(draws):

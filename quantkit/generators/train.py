@@ -99,13 +99,13 @@ DIGITS_RECIPES: dict[str, dict[str, Any]] = {
     # MaskGIT: no label smoothing (its uniform 10% mass becomes stray tokens when sampling at temperature 1) and no
     # dropout (the masking already regularizes); choice temperature 20 (the paper's 4.5 is for 256 tokens: on 64 it
     # reveals the most confident, i.e. background, tokens first and the digits come out too plain); nucleus 0.95
-    # drops the rare stray tokens; no guidance (it trades diversity for accuracy: FD / floor 3.1 at 0.5 vs 1.8 at 0,
-    # 5,000 steps, 4 draws). It wants 5,000 steps: 2.6x the floor at 2,500.
+    # drops the rare stray tokens; no guidance (it trades diversity for accuracy: FD / floor 3.2 at 0.5 vs 2.1 at 0,
+    # 5,000 steps). It wants 5,000 steps: 2.6x the floor at 2,500.
     "maskgit": dict(model_config=dict(dim=64, depth=3, heads=4, dropout=0.0, label_smoothing=0.0,
                                       choice_temperature=20.0), lr=2e-3, batch_size=32,
                     sampling=dict(steps=8, guidance=0.0, temperature=1.0, top_p=0.95)),
     # VAR memorizes the 1,437 training digits without dropout (loss 0.34 and FD / floor rising after 2,500 steps);
-    # with dropout 0.1 it trains to 5,000 steps: FD / floor 1.82 with nucleus 0.9 and no guidance (4 draws)
+    # with dropout 0.1 it trains to 5,000 steps: FD / floor 1.8 with nucleus 0.9 and no guidance
     "var": dict(model_config=dict(dim=64, depth=3, heads=4, dropout=0.1), lr=2e-3, batch_size=32,
                 sampling=dict(guidance=0.0, temperature=1.0, top_p=0.9)),
     "rq_transformer": dict(model_config=dict(dim=64, spatial_depth=3, depth_depth=1, heads=4), lr=2e-3,
