@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._base import GeneratorConfig, TokenGenerator
 from ._registry import register_generator
-from .sampling import SamplingConfig, filter_logits, guided_logits, gumbel_noise
+from .sampling import SamplingConfig, guided_logits, gumbel_noise, sample_with_log_probs
 from .transformer import Transformer, TransformerConfig
 
 
@@ -91,10 +91,23 @@ class MaskGIT(TokenGenerator):
         logits = self(ids.masked_fill(masked, self.mask_id), self.drop_labels(labels))
         return F.cross_entropy(logits[masked], ids[masked], label_smoothing=self.cfg.label_smoothing)
 
+    #: On the CPU, sampling runs the network on at most this many images per call. One call on 200 images makes
+    #: 13 MB activations that leave the cache and that glibc maps afresh (page faults) every time: 64-image chunks
+    #: sampled 200 images 1.2x faster (256 vs 211 images/s, one thread of a 2-core EPYC), where the PixelCNN prior
+    #: gained nothing from chunks (36 vs 37 images/s). GPUs get the whole batch at once.
+    cpu_chunk = 64
+
+    def _logits_in_chunks(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """The forward pass over batch chunks on the CPU (exactly the same logits: images do not interact)."""
+        n = self.cpu_chunk
+        if ids.device.type != "cpu" or ids.shape[0] <= n:
+            return self(ids, labels)
+        return torch.cat([self(i, c) for i, c in zip(ids.split(n), labels.split(n))])
+
     def _guided(self, ids: Tensor, labels: Tensor, guidance: float) -> Tensor:
         if guidance == 0:
-            return self(ids, labels)
-        cond, uncond = self(ids.repeat(2, 1), self.with_null(labels, guidance)).chunk(2)
+            return self._logits_in_chunks(ids, labels)
+        cond, uncond = self._logits_in_chunks(ids.repeat(2, 1), self.with_null(labels, guidance)).chunk(2)
         return guided_logits(cond, uncond, guidance)
 
     @torch.no_grad()
@@ -109,21 +122,20 @@ class MaskGIT(TokenGenerator):
         for t, n_keep_masked in enumerate(masked_counts(N, steps)):
             unknown = ids == self.mask_id  # (B, N)
             # only the masked positions are sampled and scored (M of them): known tokens stay as they are
-            logits = filter_logits(self._guided(ids, labels, sampling.guidance)[unknown], sampling.temperature,
-                                   sampling.top_k, sampling.top_p)  # (M, V)
-            probs = logits.softmax(-1)
-            new_tokens = torch.multinomial(probs, 1, generator=generator)  # (M, 1)
-            sampled = ids.masked_scatter(unknown, new_tokens.squeeze(1))  # row-major order, as [unknown] read
+            new_tokens, log_p = sample_with_log_probs(self._guided(ids, labels, sampling.guidance)[unknown],
+                                                      sampling.temperature, sampling.top_k, sampling.top_p,
+                                                      generator)  # (M,), (M,)
+            sampled = ids.masked_scatter(unknown, new_tokens)  # row-major order, as [unknown] read
             if n_keep_masked == 0:
                 ids = sampled
                 break
-            # confidence of each new token, with Gumbel noise annealed from choice_temperature to 0
-            log_p = torch.log(probs.gather(-1, new_tokens).squeeze(1).clamp_min(1e-30))  # (M,)
+            # confidence of each new token (its log-probability), with Gumbel noise annealed from
+            # choice_temperature to 0
             anneal = self.cfg.choice_temperature * (1.0 - (t + 1) / steps)
             confidence = torch.full((B, N), float("inf"), device=ids.device)  # known tokens are never re-masked
             confidence = confidence.masked_scatter(unknown, log_p + anneal * gumbel_noise(log_p.shape, generator,
                                                                                           ids.device))
-            remask = confidence.argsort(dim=1)[:, :n_keep_masked]  # (B, n) least confident
+            remask = confidence.topk(n_keep_masked, dim=1, largest=False).indices  # (B, n) least confident
             ids = sampled.scatter(1, remask, self.mask_id)
         return ids.reshape(B, *self.cfg.token_shape)
 

@@ -54,13 +54,17 @@ def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, p: float | None) -> Tensor:
-    """Keeps the smallest set of tokens whose probability mass reaches p (the top token always stays)."""
+    """Keeps the nucleus: every token whose more probable rivals hold less than p of the mass together (so the top
+    token always stays, and tokens of equal probability stay or go together). (..., V) -> (..., V)"""
     if p is None or p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
     sorted_probs = sorted_logits.softmax(-1)
-    # drop a token when the mass *before* it already reaches p
-    drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= p
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (..., V) mass ahead of each position
+    # tied tokens share the mass ahead of the first of them: the first index of each run of equal values
+    ascending = -sorted_logits.contiguous()
+    first_of_tie = torch.searchsorted(ascending, ascending)  # (..., V)
+    drop_sorted = mass_before.gather(-1, first_of_tie) >= p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -81,11 +85,68 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
 
 def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Draws one token per row. logits (..., V) -> ids (...) int64."""
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
-    ids = torch.multinomial(flat, 1, generator=generator).squeeze(-1)  # (N,)
-    return ids.reshape(probs.shape[:-1])
+    """Draws one token per row from the filtered distribution. logits (..., V) -> ids (...) int64."""
+    return sample_with_log_probs(logits, temperature, top_k, top_p, generator)[0]
+
+
+def sample_with_log_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                          top_p: float | None = None, generator: torch.Generator | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """Draws one token per row from the distribution :func:`filter_logits` describes, and returns with it the
+    token's log-probability under the temperature-scaled softmax *before* filtering (what MaskGIT ranks its
+    confidences by, as in google-research/maskgit). logits (..., V) -> ids (...) int64, log_probs (...) float32.
+
+    Fast on long rows and many rows: one uniform number per row is located in the cumulative probabilities
+    (``torch.multinomial`` draws V exponentials per row), and the nucleus needs no sort: a draw from the full
+    distribution that lands inside the nucleus is a draw from the nucleus (rejection sampling), and whether it
+    landed there is one comparison against the row. Rows still outside after two redraws are sampled from the
+    filtered distribution directly.
+    """
+    V = logits.shape[-1]
+    scaled = logits.reshape(-1, V).float() / temperature  # (R, V)
+    log_z = scaled.logsumexp(-1, keepdim=True)  # (R, 1)
+    if not torch.isfinite(log_z).all():
+        raise ValueError("logits contain NaN or +inf (or a row that is -inf throughout); cannot sample")
+    probs = top_k_filter(scaled, top_k).softmax(-1)  # (R, V)
+    pick = _inverse_cdf(probs, generator)  # (R,)
+    if top_p is not None and top_p < 1.0:
+        pick = _redraw_outside_nucleus(probs, pick, top_p, generator)
+    log_probs = scaled.gather(-1, pick[:, None]).squeeze(-1) - log_z.squeeze(-1)  # (R,)
+    return pick.reshape(logits.shape[:-1]), log_probs.reshape(logits.shape[:-1])
+
+
+def _inverse_cdf(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of (R, V) non-negative weights -> (R,) int64, by locating u ~ U[0, total) in the cumsum.
+    The first index whose cumulative weight exceeds u always has positive weight."""
+    cdf = probs.cumsum(-1)  # (R, V) non-decreasing
+    total = cdf[:, -1:]  # (R, 1)
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding must never reach total
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def _inside_nucleus(probs: Tensor, pick: Tensor, p: float) -> Tensor:
+    """(R,) bool: do the tokens strictly more probable than ``pick`` hold less than p of the mass together?"""
+    p_pick = probs.gather(-1, pick[:, None])  # (R, 1)
+    return (probs * (probs > p_pick)).sum(-1) < p
+
+
+def _redraw_outside_nucleus(probs: Tensor, pick: Tensor, p: float, generator: torch.Generator | None,
+                            rounds: int = 2) -> Tensor:
+    """Rejection sampling into the nucleus; each round accepts a row with probability >= p."""
+    outside = ~_inside_nucleus(probs, pick, p)  # (R,)
+    for _ in range(rounds):
+        rows = outside.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return pick
+        redraw = _inverse_cdf(probs[rows], generator)
+        pick[rows] = redraw
+        outside[rows] = ~_inside_nucleus(probs[rows], redraw, p)
+    rows = outside.nonzero().squeeze(1)
+    if rows.numel():
+        nucleus = top_p_filter(probs[rows].log(), p).softmax(-1)
+        pick[rows] = _inverse_cdf(nucleus, generator)
+    return pick
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
