@@ -181,6 +181,19 @@ def test_rq_transformer_kv_cache_decoding_equals_full_recompute():
     assert len(cache_t) == model.T
 
 
+def test_transformer_mlp_without_autograd_matches_the_autograd_path_and_leaves_its_input_alone():
+    from quantkit.generators.transformer import MLP
+
+    mlp = MLP(16, 4.0)
+    x = torch.randn(3, 5, 16)
+    x_before = x.clone()
+    expected = mlp(x)  # autograd on: out-of-place GELU
+    with torch.no_grad():
+        got = mlp(x)  # in-place GELU on the hidden activations
+    torch.testing.assert_close(got, expected.detach())
+    assert torch.equal(x, x_before)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # MaskGIT schedule
 

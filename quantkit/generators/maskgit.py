@@ -98,7 +98,7 @@ class MaskGIT(TokenGenerator):
     cpu_chunk = 64
 
     def _logits_in_chunks(self, ids: Tensor, labels: Tensor) -> Tensor:
-        """The forward pass over batch chunks on the CPU (exactly the same logits: images do not interact)."""
+        """The forward pass over batch chunks on the CPU (images do not interact: the same logits up to rounding)."""
         n = self.cpu_chunk
         if ids.device.type != "cpu" or ids.shape[0] <= n:
             return self(ids, labels)
