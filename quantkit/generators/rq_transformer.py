@@ -8,16 +8,25 @@ https://arxiv.org/abs/2203.01941 (reference code kakaobrain/rq-vae-transformer: 
 The one idea to hold: the expensive spatial transformer runs once per *position* on the sum of that position's
 code embeddings; the cheap depth transformer then predicts the D codes one after another from the spatial
 context h_t and the running (cumulative) sum of the codes chosen so far.
+
+Training targets (paper section 3.3, both off by default, both switchable in the config; see
+:mod:`.rq_targets`): ``soft_label_temperature`` > 0 trains on soft labels q(k) ∝ exp(-||e_t - e_k||^2 / tau)
+over the RQ tokenizer's codebook instead of one-hot targets; ``code_temperature`` > 0 trains on codes drawn
+stochastically from the tokenizer's softmax over distances instead of its greedy codes. Both need the
+tokenizer's codebooks: ``codebook_source`` (a tokenizer run folder, read lazily on the first training step) or
+:meth:`RQTransformer.set_codebooks`. They are training-only state: never saved, never used by ``generate``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import GeneratorConfig, TokenGenerator
 from ._registry import register_generator
+from .rq_targets import residual_codebooks, sample_residual_codes, soft_label_cross_entropy
 from .sampling import SamplingConfig, guided_logits, sample_logits
 from .transformer import Transformer, TransformerConfig, causal_mask
 
@@ -30,6 +39,16 @@ class RQTransformerConfig(GeneratorConfig):
     depth_depth: int = 2
     heads: int = 4
     dropout: float = 0.0
+    soft_label_temperature: float = 0.0  # tau of the soft labels; 0: one-hot targets (the paper uses 0.5)
+    code_temperature: float = 0.0  # temperature of the stochastic training codes; 0: the tokenizer's codes
+    codebook_source: str = ""  # tokenizer run / checkpoint folder whose codebooks the two above use
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("soft_label_temperature", "code_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"RQTransformerConfig.{name} must be a finite number >= 0 (0 = off), got {value!r}")
 
 
 @register_generator("rq_transformer", example=dict(vocab_size=16, token_shape=(3, 3, 2), num_classes=3, dim=32,
@@ -56,6 +75,53 @@ class RQTransformer(TokenGenerator):
             nn.init.normal_(p, std=0.02)
         self.register_buffer("mask_t", causal_mask(self.T), persistent=False)
         self.register_buffer("mask_d", causal_mask(D), persistent=False)
+        self._codebooks: Tensor | None = None  # (D, K, dim) of the tokenizer; training-only, not in state_dict
+
+    # ------------------------------------------------------------------------------------------------------------
+    # soft labels and stochastic codes (training only)
+
+    @property
+    def uses_codebooks(self) -> bool:
+        return self.cfg.soft_label_temperature > 0 or self.cfg.code_temperature > 0
+
+    def set_codebooks(self, codebooks: Tensor) -> None:
+        """The RQ tokenizer's per-depth code vectors (D, K, dim) (e.g. ``residual_codebooks(tok.quantizer)``)."""
+        if not isinstance(codebooks, Tensor) or codebooks.dim() != 3 or tuple(codebooks.shape[:2]) != \
+                (self.D, self.vocab_size) or not codebooks.is_floating_point():
+            got = tuple(codebooks.shape) if isinstance(codebooks, Tensor) else type(codebooks).__name__
+            raise ValueError(f"RQTransformer.set_codebooks: codebooks must be a float tensor (depth, vocab, dim) = "
+                             f"({self.D}, {self.vocab_size}, dim), got {got}")
+        if not bool(torch.isfinite(codebooks).all()):
+            raise ValueError("RQTransformer.set_codebooks: codebooks contain NaN or inf")
+        self._codebooks = codebooks.detach().float().clone()
+
+    def codebooks(self) -> Tensor:
+        """The codebooks the soft labels and stochastic codes use (loaded from ``codebook_source`` if needed)."""
+        if self._codebooks is None:
+            if not self.cfg.codebook_source:
+                raise ValueError("RQTransformer: soft labels / stochastic codes need the RQ tokenizer's codebooks: "
+                                 "set codebook_source to its run folder or call set_codebooks(...)")
+            from ..tokenizers import load_tokenizer
+
+            tokenizer = load_tokenizer(self.cfg.codebook_source)
+            self.set_codebooks(residual_codebooks(tokenizer.quantizer))
+        return self._codebooks.to(self.pos_d.device)
+
+    def loss(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """Teacher-forced cross-entropy of every code, with the switchable soft labels and stochastic codes."""
+        ids = self.check_ids(ids)
+        cfg = self.cfg
+        if self.training and cfg.code_temperature > 0:  # the training codes are drawn, then used as inputs and targets
+            ids = sample_residual_codes(ids.reshape(-1, self.D), self.codebooks(), cfg.code_temperature
+                                        ).reshape(ids.shape)
+        logits = self(ids, self.drop_labels(labels))  # (B, h, w, D, V)
+        if cfg.soft_label_temperature <= 0:
+            return F.cross_entropy(logits.reshape(-1, self.vocab_size), ids.reshape(-1))
+        books = self.codebooks()
+        logits, ids = logits.reshape(-1, self.D, self.vocab_size), ids.reshape(-1, self.D)
+        per_depth = [soft_label_cross_entropy(logits[:, d], ids[:, d], books[d], cfg.soft_label_temperature)
+                     for d in range(self.D)]  # every depth has as many rows: the mean of means is the mean
+        return torch.stack(per_depth).mean()
 
     def _spatial_inputs(self, codes: Tensor, labels: Tensor) -> Tensor:
         """codes (B, T, D), labels (B,) -> (B, T, C): [class, x_0, ..., x_{T-2}] shifted right, + positions."""
