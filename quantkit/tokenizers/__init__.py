@@ -4,7 +4,8 @@
     ids = tok.encode(tok.from_unit(images01))   # (B, *tok.token_shape) int64
     images = tok.to_unit(tok.decode(ids))
 
-Registered: ``vqvae``, ``vqgan``, ``titok``. Training: ``train_tokenizer(TrainConfig(...)) -> TrainResult``
+Registered: ``vqvae``, ``vqgan``, ``titok`` (discrete), ``klvae`` (continuous: ``encode`` gives latents, see
+:class:`.base.ContinuousTokenizer`). Training: ``train_tokenizer(TrainConfig(...)) -> TrainResult``
 (checkpoint folder + final metrics); loading a trained checkpoint: ``load_tokenizer(path)``; metrics:
 ``evaluate_tokenizer``; published checkpoints: :mod:`.checkpoints`.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Tokenizer, TokenizerConfig, TokenizerOutput, with_overrides
+from .base import ContinuousTokenizer, LatentOutput, Tokenizer, TokenizerConfig, TokenizerOutput, with_overrides
+from .klvae import KLVAE, KLVAEConfig
 from .titok import TiTok, TiTokConfig
 from .vqgan import VQGAN, VQGANConfig
 from .vqvae import VQVAE, VQVAEConfig
 
-_TOKENIZERS: dict[str, type[Tokenizer]] = {"vqvae": VQVAE, "vqgan": VQGAN, "titok": TiTok}
+_TOKENIZERS: dict[str, type[Tokenizer] | type[ContinuousTokenizer]] = {"vqvae": VQVAE, "vqgan": VQGAN, "titok": TiTok,
+                                                                        "klvae": KLVAE}
 for _name, _cls in _TOKENIZERS.items():
     _cls.registry_name = _name
 
@@ -55,6 +58,6 @@ from .evaluate import evaluate_tokenizer  # noqa: E402
 from .train import TrainConfig, TrainResult, load_tokenizer, train_tokenizer  # noqa: E402
 
 
-__all__ = ["TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "TrainConfig", "TrainResult",
+__all__ = ["ContinuousTokenizer", "KLVAE", "KLVAEConfig", "LatentOutput", "TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "TrainConfig", "TrainResult",
            "VQGAN", "VQGANConfig", "VQVAE", "VQVAEConfig", "create_tokenizer", "evaluate_tokenizer", "list_tokenizers",
            "load_tokenizer", "tokenizer_class", "train_tokenizer"]

@@ -22,6 +22,10 @@ With the VAR multi-scale quantizer (the quantizer has ``encode_scales``), a toke
 and ``token_shape`` is (L,) with L = sum of h_k * w_k, the scales' maps flattened and concatenated coarse to fine
 (the quantizer's ``split_scales`` undoes it).
 
+The continuous branch (:class:`ContinuousTokenizer`, e.g. the KL-VAE) has no quantizer: ``encode`` gives latents
+(B, *latent_shape) float, scaled by a factor measured on the training set, and ``decode`` takes them back; its
+``continuous`` attribute is True (False for every discrete tokenizer). See the class docstring.
+
 The one idea to hold: a tokenizer is an encoder, any registered quantizer (by name + keywords, or an instance),
 and a decoder. The quantizer sees channels-last latents (B, *grid, dim) (channels-first maps (B, dim, h, w) when
 it is built ``channel_first``, as VAR's); its ``dim`` must equal the encoder's latent channels, and a mismatch is
@@ -41,7 +45,8 @@ from torch import Tensor, nn
 from ..quantizers import Quantizer, create_quantizer, list_quantizers
 from ..quantizers._registry import quantizer_class
 
-__all__ = ["Tokenizer", "TokenizerConfig", "TokenizerOutput", "build_quantizer", "with_overrides"]
+__all__ = ["AutoencoderConfig", "ContinuousTokenizer", "ImageAutoencoder", "LatentOutput", "Tokenizer",
+           "TokenizerConfig", "TokenizerOutput", "build_quantizer", "reconstruction_loss", "with_overrides"]
 
 
 class TokenizerOutput(NamedTuple):
@@ -55,13 +60,11 @@ class TokenizerOutput(NamedTuple):
 
 
 @dataclass
-class TokenizerConfig:
-    """Fields every tokenizer shares; subclasses add their architecture fields."""
+class AutoencoderConfig:
+    """Fields every image autoencoder shares, discrete or continuous; subclasses add their architecture fields."""
 
     image_size: int = 16
     channels: int = 1
-    quantizer: str = "vq"
-    quantizer_kwargs: dict[str, Any] = field(default_factory=lambda: {"codebook_size": 256})
     pixel_range: tuple[float, float] = (-1.0, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +79,14 @@ class TokenizerConfig:
         if "pixel_range" in d:
             d["pixel_range"] = tuple(float(v) for v in d["pixel_range"])
         return cls(**d)
+
+
+@dataclass
+class TokenizerConfig(AutoencoderConfig):
+    """Fields every discrete tokenizer shares: the quantizer (a registered name and its keywords)."""
+
+    quantizer: str = "vq"
+    quantizer_kwargs: dict[str, Any] = field(default_factory=lambda: {"codebook_size": 256})
 
 
 def reject_unknown_fields(cls, d: dict[str, Any]) -> None:
@@ -148,8 +159,18 @@ def build_quantizer(name_or_module: str | Quantizer, kwargs: dict[str, Any], dim
     return quantizer
 
 
-class Tokenizer(nn.Module):
-    """Base class: images <-> token IDs through ``encode_latents`` -> quantizer -> ``decode_latents``.
+def reconstruction_loss(reconstruction: Tensor, images: Tensor, kind: str = "l1") -> Tensor:
+    """Per-pixel mean |x_hat - x| ("l1") or (x_hat - x)^2 ("l2")."""
+    if kind == "l1":
+        return (reconstruction - images).abs().mean()
+    if kind == "l2":
+        return (reconstruction - images).pow(2).mean()
+    raise ValueError(f"recon_loss must be 'l1' or 'l2', got {kind!r}")
+
+
+class ImageAutoencoder(nn.Module):
+    """What discrete and continuous tokenizers share: the pixel range, the image shape and checks, and the
+    encoder / decoder pair.
 
     Subclasses implement
         encode_latents(images) -> z (B, *grid, dim)        channels-last continuous latents
@@ -159,20 +180,16 @@ class Tokenizer(nn.Module):
 
     #: Name in the tokenizer registry (set by ``register_tokenizer``).
     registry_name: str = ""
-    config_class = TokenizerConfig
+    config_class = AutoencoderConfig
+    #: False: images <-> token IDs (:class:`Tokenizer`); True: images <-> latents (:class:`ContinuousTokenizer`).
+    continuous: bool = False
 
-    def __init__(self, config: TokenizerConfig, quantizer: Quantizer):
+    def __init__(self, config: AutoencoderConfig):
         super().__init__()
         lo, hi = config.pixel_range
         if not lo < hi:
             raise ValueError(f"{type(self).__name__}: pixel_range must be (lo, hi) with lo < hi, got {config.pixel_range}")
-        if quantizer.registry_name and quantizer.registry_name != config.quantizer:
-            config.quantizer = quantizer.registry_name  # an instance was passed: record what it is
         self.config = config
-        self.quantizer = quantizer
-
-    # ------------------------------------------------------------------------------------------------------------
-    # what subclasses implement
 
     latent_grid: tuple[int, ...] = ()
 
@@ -186,9 +203,6 @@ class Tokenizer(nn.Module):
         """Weight of the decoder's last layer (VQGAN's adaptive GAN weight differentiates through it)."""
         return None
 
-    # ------------------------------------------------------------------------------------------------------------
-    # contract
-
     @property
     def pixel_range(self) -> tuple[float, float]:
         return tuple(self.config.pixel_range)
@@ -196,6 +210,40 @@ class Tokenizer(nn.Module):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.config.channels, self.config.image_size, self.config.image_size)
+
+    def from_unit(self, images01: Tensor) -> Tensor:
+        """[0, 1] images -> pixel_range."""
+        lo, hi = self.pixel_range
+        return images01 * (hi - lo) + lo
+
+    def to_unit(self, images: Tensor) -> Tensor:
+        """pixel_range images -> [0, 1]."""
+        lo, hi = self.pixel_range
+        return (images - lo) / (hi - lo)
+
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{type(self).__name__}: images must have shape (B, {', '.join(map(str, self.image_shape))})"
+                             f", got {got}")
+        if not images.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: images must be float in pixel_range {self.pixel_range}, got "
+                             f"{images.dtype}")
+
+
+class Tokenizer(ImageAutoencoder):
+    """Base class: images <-> token IDs through ``encode_latents`` -> quantizer -> ``decode_latents``."""
+
+    config_class = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig, quantizer: Quantizer):
+        super().__init__(config)
+        if quantizer.registry_name and quantizer.registry_name != config.quantizer:
+            config.quantizer = quantizer.registry_name  # an instance was passed: record what it is
+        self.quantizer = quantizer
+
+    # ------------------------------------------------------------------------------------------------------------
+    # contract
 
     @property
     def vocab_size(self) -> int:
@@ -226,25 +274,6 @@ class Tokenizer(nn.Module):
     def _latent_layout(self, q: Tensor) -> Tensor:
         return q.movedim(1, -1) if self.quantizer.channel_first else q
 
-    def from_unit(self, images01: Tensor) -> Tensor:
-        """[0, 1] images -> pixel_range."""
-        lo, hi = self.pixel_range
-        return images01 * (hi - lo) + lo
-
-    def to_unit(self, images: Tensor) -> Tensor:
-        """pixel_range images -> [0, 1]."""
-        lo, hi = self.pixel_range
-        return (images - lo) / (hi - lo)
-
-    def _check_images(self, images: Tensor) -> None:
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"{type(self).__name__}: images must have shape (B, {', '.join(map(str, self.image_shape))})"
-                             f", got {got}")
-        if not images.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: images must be float in pixel_range {self.pixel_range}, got "
-                             f"{images.dtype}")
-
     def _check_ids(self, ids: Tensor) -> None:
         if not isinstance(ids, Tensor) or ids.dtype != torch.int64:
             raise ValueError(f"{type(self).__name__}: token ids must be an int64 tensor")
@@ -264,13 +293,7 @@ class Tokenizer(nn.Module):
     def training_loss(self, images: Tensor, recon_loss: str = "l1") -> tuple[dict[str, Tensor], TokenizerOutput]:
         """Loss terms (summed by the trainer) and the forward output: reconstruction ("l1" or "l2") + quantizer."""
         out = self(images)
-        if recon_loss == "l1":
-            rec = (out.reconstruction - images).abs().mean()
-        elif recon_loss == "l2":
-            rec = (out.reconstruction - images).pow(2).mean()
-        else:
-            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {recon_loss!r}")
-        return {"recon": rec, "quantizer": out.loss}, out
+        return {"recon": reconstruction_loss(out.reconstruction, images, recon_loss), "quantizer": out.loss}, out
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -310,3 +333,103 @@ class Tokenizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"image_shape={self.image_shape}, token_shape={self.token_shape}, vocab_size={self.vocab_size}, "
                 f"pixel_range={self.pixel_range}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the continuous branch: images <-> latents, no quantizer
+
+
+class LatentOutput(NamedTuple):
+    """reconstruction: (B, C, H, W) in pixel_range (not clamped); latents: (B, *latent_shape) what the decoder saw
+    (a posterior sample in training), *unscaled*; loss: the bottleneck's regulariser, weighted (KL for a KL-VAE;
+    float32 scalar); stats: detached scalars (KL per dim, active units, ...)."""
+
+    reconstruction: Tensor
+    latents: Tensor
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+class ContinuousTokenizer(ImageAutoencoder):
+    """Base class: images <-> continuous latents through ``encode_latents`` / ``decode_latents``, no quantizer.
+
+    Contract (what a continuous generator may assume)
+        latent_shape     (*latent_grid, latent_dim): one image's latents, channels last ((h, w, c) for a grid).
+        latent_scale     s_f, a buffer: the generator sees z * s_f, the decoder gets latents / s_f. Measured once
+                         on the training set by :meth:`measure_latent_scale` (s_f = 1 / std of all latent elements,
+                         the ``scale_by_std`` of Rombach et al. 2022), saved with the weights.
+        encode(images (B, C, H, W) in pixel_range) -> latents (B, *latent_shape) float32, = s_f * mode   (no grad)
+        decode(latents (B, *latent_shape)) -> images (B, C, H, W) float32 clamped to pixel_range        (no grad)
+        forward(images) -> LatentOutput(reconstruction, latents, loss, stats)                             (training)
+        training_loss(images) -> ({term: scalar}, LatentOutput)
+    ``encode``/``decode`` mirror the discrete tokenizers' ``encode``/``decode`` of token IDs, so evaluation code
+    that only round-trips images works on both. Any quantizer-free autoencoder plugs in by implementing
+    ``encode_latents``/``decode_latents`` (and ``encode_posterior`` for a stochastic bottleneck).
+    """
+
+    continuous = True
+    #: channels of one latent position (set by the subclass)
+    latent_dim: int = 0
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__(config)
+        self.register_buffer("latent_scale", torch.ones((), dtype=torch.float32))
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (*self.latent_grid, self.latent_dim)
+
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Training-time bottleneck: (latents (B, *latent_shape) unscaled, weighted regulariser, stats). A
+        deterministic autoencoder returns its latents, 0 and no stats."""
+        return self.encode_latents(images), images.new_zeros(()), {}
+
+    def forward(self, images: Tensor) -> LatentOutput:
+        self._check_images(images)
+        z, loss, stats = self.encode_posterior(images)
+        return LatentOutput(self.decode_latents(z), z, loss, stats)
+
+    def training_loss(self, images: Tensor, recon_loss: str = "l1") -> tuple[dict[str, Tensor], LatentOutput]:
+        """Loss terms (summed by the trainer) and the forward output: reconstruction ("l1" or "l2") + regulariser."""
+        out = self(images)
+        return {"recon": reconstruction_loss(out.reconstruction, images, recon_loss), "kl": out.loss}, out
+
+    def check_latents(self, latents: Tensor) -> None:
+        if not isinstance(latents, Tensor) or not latents.is_floating_point() \
+                or tuple(latents.shape[1:]) != self.latent_shape:
+            got = (f"{tuple(latents.shape)} {latents.dtype}" if isinstance(latents, Tensor)
+                   else type(latents).__name__)
+            raise ValueError(f"{type(self).__name__}: latents must be a float tensor of shape "
+                             f"(B, {', '.join(map(str, self.latent_shape))}), got {got}")
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) in pixel_range -> latents (B, *latent_shape) float32, scaled by latent_scale."""
+        self._check_images(images)
+        return (self.encode_latents(images) * self.latent_scale).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents (B, *latent_shape) (scaled, as :meth:`encode` gives) -> images clamped to pixel_range."""
+        self.check_latents(latents)
+        return self.decode_latents(latents / self.latent_scale).float().clamp(*self.pixel_range)
+
+    @torch.no_grad()
+    def measure_latent_scale(self, images01_batches) -> float:
+        """Sets latent_scale = 1 / std of every element of ``encode_latents`` over the given [0, 1] image batches
+        (iterate the whole training set once); returns it."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for images01 in images01_batches:
+            z = self.encode_latents(self.from_unit(images01.to(self.latent_scale.device))).double()
+            total, total_sq, count = total + float(z.sum()), total_sq + float(z.pow(2).sum()), count + z.numel()
+        if count < 2:
+            raise ValueError("measure_latent_scale: need at least one batch of images")
+        var = (total_sq - total * total / count) / (count - 1)
+        if not var > 0:
+            raise ValueError("measure_latent_scale: the latents are constant (std 0); is the encoder trained?")
+        self.latent_scale.fill_(1.0 / var ** 0.5)
+        return float(self.latent_scale)
+
+    def extra_repr(self) -> str:
+        return (f"image_shape={self.image_shape}, latent_shape={self.latent_shape}, "
+                f"latent_scale={float(self.latent_scale):.4f}, pixel_range={self.pixel_range}")
