@@ -112,3 +112,57 @@ def test_projector_init_matches_latent_statistics_once_and_not_in_eval():
     fresh = VQGANLCQuantizer(8, 128, 16)
     fresh.load_state_dict(state)
     assert bool(fresh.initialized)
+
+
+class _Patches(torch.nn.Module):
+    """A toy patch feature encoder: (B, 1, 8, 8) -> (B, 4, 16), the four 4x4 quadrants, plus a learned offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        b = x.shape[0]
+        return x.reshape(b, 2, 4, 2, 4).permute(0, 1, 3, 2, 4).reshape(b, 4, 16) + self.offset
+
+
+def _images(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(1, 8, 8, generator=g), 0) for _ in range(n)]
+
+
+def test_codebook_from_an_encoder_reproduces_with_a_seed():
+    data = _images()
+    a = VQGANLCQuantizer.from_encoder(_Patches(), data, 32, 4, seed=3, niter=4, progress=False)
+    b = VQGANLCQuantizer.from_encoder(_Patches(), data, 32, 4, seed=3, niter=4, progress=False)
+    c = VQGANLCQuantizer.from_encoder(_Patches(), data, 32, 4, seed=4, niter=4, progress=False)
+    assert a.features_codebook.shape == (32, 16)
+    assert torch.equal(a.features_codebook, b.features_codebook)
+    assert not torch.equal(a.features_codebook, c.features_codebook)
+
+
+def test_encoder_features_are_sampled_from_the_dataset_patches():
+    from quantkit.quantizers.vqgan_lc import sample_patch_features
+
+    data = _images(50)
+    feats = sample_patch_features(_Patches(), data, 90, progress=False)
+    assert feats.shape == (90, 16)
+    every = _Patches()(torch.stack([x for x, _ in data])).detach().reshape(-1, 16)  # (200, 16): all the patches
+    d = torch.cdist(feats, every).min(1).values
+    assert float(d.max()) < 1e-2  # every sampled feature is one of the dataset's patch features (cdist rounding)
+    assert torch.unique(feats, dim=0).shape[0] == 90  # no patch twice
+    assert sample_patch_features(_Patches(), data, 10_000, progress=False).shape == (200, 16)  # capped at all
+
+
+def test_encoder_with_the_wrong_output_shape_is_refused_naming_the_expected_shape():
+    class Pooled(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)  # (B, 64): no patch axis
+
+    with pytest.raises(ValueError, match=r"\(B, N, F\) = \(2, N, F\) for images of shape \(2, 1, 8, 8\)"):
+        VQGANLCQuantizer.from_encoder(Pooled(), _images(), 16, 4, progress=False)
+
+
+def test_too_few_patch_features_for_the_codebook_is_refused():
+    with pytest.raises(ValueError, match=r"10 images x 4 patches = 40 features, fewer than the 64 codes"):
+        VQGANLCQuantizer.from_encoder(_Patches(), _images(10), 64, 4, progress=False)

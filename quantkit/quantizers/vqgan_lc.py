@@ -17,11 +17,19 @@ collapses to one code. So, as the paper's projector is meant to do, the first tr
 latent statistics: per latent dimension, P is rescaled so the projected codebook has the latents' standard
 deviation and its bias set so it has their mean (an affine map of P, so E' stays a linear image of E).
 
+Codebooks from pretrained features in one call (:meth:`VQGANLCQuantizer.from_encoder`): run any patch feature
+encoder (:mod:`quantkit.features`: quantkit's MAE, or a user's model mapping (B, C, H, W) to (B, N, F)) over a
+seeded sample of a dataset's images, draw patch features from them, and cluster those with faiss k-means (a tree
+of small k-means above a few hundred codes, so 100,000 codes take minutes on a CPU), with progress on stderr.
+
 The one idea to hold: the token id is a row of the frozen feature codebook; the projected codebook is recomputed
 from P on every forward (K x F x dim, cheap), searched with ``nearest_codeword``, and only the chosen rows are
 projected again with gradient, so nothing of size N x K is built.
 """
 from __future__ import annotations
+
+import sys
+import time
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +41,7 @@ from .codebook import _all_reduce_, faiss_kmeans
 from .gradients import straight_through
 from .vq import masked_mse
 
-__all__ = ["VQGANLCQuantizer"]
+__all__ = ["VQGANLCQuantizer", "sample_patch_features"]
 
 
 @register_quantizer("vqgan_lc", example=dict(dim=8, codebook_size=64, feature_dim=16))
@@ -138,6 +146,35 @@ class VQGANLCQuantizer(Quantizer):
                                  max_points_per_centroid=max_points_per_centroid, max_flat_codes=max_flat_codes)
         return cls(dim, codebook_size, features_codebook=centroids, **kwargs)
 
+    @classmethod
+    def from_encoder(cls, encoder, dataset, codebook_size: int, dim: int, *, features_per_code: int = 4,
+                     num_features: int | None = None, batch_size: int = 256, seed: int = 0, niter: int = 10,
+                     max_points_per_centroid: int = 16, max_flat_codes: int = 256, progress: bool = True,
+                     **kwargs) -> "VQGANLCQuantizer":
+        """The quantizer whose frozen codebook is the k-means of patch features of ``dataset`` (one call).
+
+        encoder: a :class:`quantkit.features.FeatureEncoder`, a quantkit MAE or its run folder, or any module
+            mapping (B, C, H, W) images in [0, 1] to (B, N, F) (checked on a probe batch; the wrong shape is
+            refused with the expected one named). dataset: map-style, items ``image`` or ``(image, label)``.
+        num_features: how many patch features to cluster (default ``features_per_code * codebook_size``, at most
+            every patch of the dataset); images are visited in a seeded random order and each contributes a seeded
+            random subset of its patches, so the same seed gives the same codebook.
+        The remaining keywords go to :meth:`from_features` / the constructor.
+        """
+        features = sample_patch_features(encoder, dataset, num_features or features_per_code * codebook_size,
+                                         codebook_size, batch_size=batch_size, seed=seed, progress=progress)
+        start = time.perf_counter()
+        if progress:
+            print(f"[quantkit] vqgan_lc: k-means of {features.shape[0]:,} features ({features.shape[1]}-d) into "
+                  f"{codebook_size:,} codes ...", file=sys.stderr, flush=True)
+        q = cls.from_features(features, codebook_size, dim, niter=niter, seed=seed,
+                              max_points_per_centroid=max_points_per_centroid, max_flat_codes=max_flat_codes,
+                              **kwargs)
+        if progress:
+            print(f"[quantkit] vqgan_lc: k-means done in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+                  flush=True)
+        return q
+
     # ------------------------------------------------------------------------------------------------------------
 
     def projected_codebook(self) -> Tensor:
@@ -168,3 +205,55 @@ class VQGANLCQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feature_dim={self.feature_dim}"
 
+
+
+@torch.no_grad()
+def sample_patch_features(encoder, dataset, num_features: int, min_features: int = 1, *, batch_size: int = 256,
+                          seed: int = 0, progress: bool = True) -> Tensor:
+    """(M, F) patch features of a seeded random sample of ``dataset``'s images, M = min(num_features, every patch).
+
+    Images are visited in a seeded random order, ``ceil(num_features / len(dataset))`` (at most N) random patches
+    of each are kept, until ``num_features`` are collected. Raises ValueError when the whole dataset holds fewer
+    than ``min_features`` patches (k-means needs one feature per code).
+    """
+    from ..data import dataset_channels, stack_batch
+    from ..features import as_feature_encoder
+
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"sample_patch_features: num_features must be a positive int, got {num_features!r}")
+    if len(dataset) == 0:
+        raise ValueError("sample_patch_features: the dataset is empty")
+    first = stack_batch(dataset, [0])[0]
+    encoder = as_feature_encoder(encoder, (dataset_channels(dataset), *first.shape[-2:]))
+    n_patches = encoder.num_patches
+    available = len(dataset) * n_patches
+    if available < min_features:
+        raise ValueError(f"sample_patch_features: the dataset has {len(dataset)} images x {n_patches} patches = "
+                         f"{available:,} features, fewer than the {min_features:,} codes to cluster into")
+    target = min(num_features, available)
+    per_image = min(n_patches, -(-target // len(dataset)))  # ceil
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=target, desc="patch features", unit="feat", dynamic_ncols=True)
+    chunks, have = [], 0
+    try:
+        for start in range(0, len(order), batch_size):
+            if have >= target:
+                break
+            images = stack_batch(dataset, order[start:start + batch_size].tolist())[0]
+            feats = encoder(images)  # (b, N, F)
+            pick = torch.rand(feats.shape[:2], generator=g).argsort(1)[:, :per_image]  # (b, per_image)
+            feats = feats.gather(1, pick[..., None].expand(-1, -1, feats.shape[2])).reshape(-1, feats.shape[2])
+            feats = feats[:target - have]
+            chunks.append(feats)
+            have += feats.shape[0]
+            if bar is not None:
+                bar.update(feats.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(chunks)  # (M, F)
