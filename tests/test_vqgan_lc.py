@@ -166,3 +166,12 @@ def test_encoder_with_the_wrong_output_shape_is_refused_naming_the_expected_shap
 def test_too_few_patch_features_for_the_codebook_is_refused():
     with pytest.raises(ValueError, match=r"10 images x 4 patches = 40 features, fewer than the 64 codes"):
         VQGANLCQuantizer.from_encoder(_Patches(), _images(10), 64, 4, progress=False)
+
+
+def test_saved_codebook_builds_the_same_quantizer_from_its_path(tmp_path):
+    q = VQGANLCQuantizer.from_features(torch.randn(200, 6), 16, 4, niter=3)
+    path = q.save_codebook(tmp_path / "codebook.safetensors")
+    again = create_quantizer("vqgan_lc", dim=4, codebook_size=16, features_codebook=str(path))
+    assert torch.equal(again.features_codebook, q.features_codebook)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        VQGANLCQuantizer(4, 16, features_codebook=str(tmp_path / "missing.safetensors"))

@@ -28,6 +28,7 @@ projected again with gradient, so nothing of size N x K is built.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -52,8 +53,10 @@ class VQGANLCQuantizer(Quantizer):
         dim: latent size (the paper uses 8).
         codebook_size: number of codes K.
         feature_dim: size of the frozen features (768 for CLIP ViT-L/14).
-        features_codebook: the (K, feature_dim) frozen codebook; default: a fixed random normal one (the paper's
-            "random fixed" baseline) -- build from real features with :meth:`from_features`.
+        features_codebook: the (K, feature_dim) frozen codebook, or the path of a file written by
+            :meth:`save_codebook` (so a JSON tokenizer config can name it); default: a fixed random normal one (the
+            paper's "random fixed" baseline) -- build from real features with :meth:`from_features` /
+            :meth:`from_encoder`.
         commitment_weight: weight of the encoder term (paper: 1.0).
         projector_weight: weight of the term that trains the projector (paper: 0.33).
         seed: seed of the random codebook when ``features_codebook`` is None.
@@ -63,10 +66,12 @@ class VQGANLCQuantizer(Quantizer):
     """
 
     def __init__(self, dim: int, codebook_size: int, feature_dim: int | None = None, *,
-                 features_codebook: Tensor | None = None, commitment_weight: float = 1.0,
+                 features_codebook: Tensor | str | None = None, commitment_weight: float = 1.0,
                  projector_weight: float = 0.33, seed: int = 0, init_from_data: bool = True,
                  channel_first: bool = False):
         super().__init__(dim, codebook_size, channel_first)
+        if isinstance(features_codebook, (str, os.PathLike)):  # a file from save_codebook (JSON configs use this)
+            features_codebook = load_codebook(features_codebook)
         if features_codebook is not None:
             if not isinstance(features_codebook, Tensor) or features_codebook.dim() != 2 \
                     or features_codebook.shape[0] != codebook_size or not features_codebook.is_floating_point():
@@ -175,6 +180,17 @@ class VQGANLCQuantizer(Quantizer):
                   flush=True)
         return q
 
+    def save_codebook(self, path: str | os.PathLike) -> str:
+        """Writes the frozen (K, feature_dim) codebook to a safetensors file; returns its path."""
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({"features_codebook": self.features_codebook.detach().cpu().contiguous()}, tmp)
+        os.replace(tmp, path)
+        return path
+
     # ------------------------------------------------------------------------------------------------------------
 
     def projected_codebook(self) -> Tensor:
@@ -205,6 +221,18 @@ class VQGANLCQuantizer(Quantizer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feature_dim={self.feature_dim}"
 
+
+
+def load_codebook(path: str | os.PathLike) -> Tensor:
+    """The (K, feature_dim) codebook of a file written by :meth:`VQGANLCQuantizer.save_codebook`."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQGANLCQuantizer: features_codebook file {os.fspath(path)!r} does not exist")
+    tensors = load_file(os.fspath(path))
+    if "features_codebook" not in tensors:
+        raise ValueError(f"VQGANLCQuantizer: {os.fspath(path)!r} holds no 'features_codebook' tensor")
+    return tensors["features_codebook"]
 
 
 @torch.no_grad()
