@@ -25,6 +25,7 @@ TINY = {
     "vqvae": dict(hidden=16, res_hidden=8, num_res_blocks=1),
     "vqgan": dict(ch=8, ch_mult=(1, 2, 2), z_channels=8, norm_groups=4),
     "titok": dict(width=16, depth=1, heads=2, num_latent_tokens=6),
+    "softvq_vae": dict(width=16, depth=1, heads=2, num_latent_tokens=4, align_weight=0.0),  # alignment: test_softvq_vae
 }
 
 
@@ -43,7 +44,7 @@ def _quantizer_kwargs(quantizer):
 
 def _tiny(name, quantizer, **kwargs):
     qkw, dim = _quantizer_kwargs(quantizer)
-    dim_key = "token_size" if name == "titok" else "embed_dim"
+    dim_key = "token_size" if name in ("titok", "softvq_vae") else "embed_dim"
     return create_tokenizer(name, quantizer=quantizer, quantizer_kwargs=qkw, **{dim_key: dim}, **TINY[name],
                             **kwargs)
 
@@ -53,7 +54,7 @@ def _pairs():
         for q in list_quantizers():
             if hasattr(quantizer_class(q), "encode_scales") and q not in QUANTIZER_KWARGS:
                 continue  # a multi-scale quantizer needs scales that end at the latent grid
-            if not (tok == "titok" and hasattr(quantizer_class(q), "encode_scales")):
+            if not (tok in ("titok", "softvq_vae") and hasattr(quantizer_class(q), "encode_scales")):
                 yield tok, q
 
 

@@ -4,7 +4,7 @@
     ids = tok.encode(tok.from_unit(images01))   # (B, *tok.token_shape) int64
     images = tok.to_unit(tok.decode(ids))
 
-Registered: ``vqvae``, ``vqgan``, ``titok`` (discrete), ``klvae`` (continuous: ``encode`` gives latents, see
+Registered: ``vqvae``, ``vqgan``, ``titok``, ``softvq_vae`` (discrete), ``klvae`` (continuous: ``encode`` gives latents, see
 :class:`.base.ContinuousTokenizer`). Training: ``train_tokenizer(TrainConfig(...)) -> TrainResult``
 (checkpoint folder + final metrics); loading a trained checkpoint: ``load_tokenizer(path)``; metrics:
 ``evaluate_tokenizer``; published checkpoints: :mod:`.checkpoints`.
@@ -15,12 +15,13 @@ from typing import Any
 
 from .base import ContinuousTokenizer, LatentOutput, Tokenizer, TokenizerConfig, TokenizerOutput, with_overrides
 from .klvae import KLVAE, KLVAEConfig
+from .softvq_vae import SoftVQVAE, SoftVQVAEConfig
 from .titok import TiTok, TiTokConfig
 from .vqgan import VQGAN, VQGANConfig
 from .vqvae import VQVAE, VQVAEConfig
 
 _TOKENIZERS: dict[str, type[Tokenizer] | type[ContinuousTokenizer]] = {"vqvae": VQVAE, "vqgan": VQGAN, "titok": TiTok,
-                                                                        "klvae": KLVAE}
+                                                                        "klvae": KLVAE, "softvq_vae": SoftVQVAE}
 for _name, _cls in _TOKENIZERS.items():
     _cls.registry_name = _name
 
@@ -40,7 +41,7 @@ def create_tokenizer(name: str, config: dict[str, Any] | TokenizerConfig | None 
     registered quantizer name or a Quantizer instance."""
     cls = tokenizer_class(name)
     quantizer = kwargs.pop("quantizer", None)
-    extra = {k: kwargs.pop(k) for k in ("proxy_tokenizer",) if k in kwargs}
+    extra = {k: kwargs.pop(k) for k in ("proxy_tokenizer", "feature_encoder") if k in kwargs}
     if isinstance(quantizer, str):
         kwargs["quantizer"] = quantizer
         quantizer = None
@@ -58,6 +59,6 @@ from .evaluate import evaluate_tokenizer  # noqa: E402
 from .train import TrainConfig, TrainResult, load_tokenizer, train_tokenizer  # noqa: E402
 
 
-__all__ = ["ContinuousTokenizer", "KLVAE", "KLVAEConfig", "LatentOutput", "TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "TrainConfig", "TrainResult",
+__all__ = ["ContinuousTokenizer", "KLVAE", "KLVAEConfig", "LatentOutput", "SoftVQVAE", "SoftVQVAEConfig", "TiTok", "TiTokConfig", "Tokenizer", "TokenizerConfig", "TokenizerOutput", "TrainConfig", "TrainResult",
            "VQGAN", "VQGANConfig", "VQVAE", "VQVAEConfig", "create_tokenizer", "evaluate_tokenizer", "list_tokenizers",
            "load_tokenizer", "tokenizer_class", "train_tokenizer"]
