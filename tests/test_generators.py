@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from quantkit.generators import (SamplingConfig, create_generator, example_config, list_generators,
-                                 make_generator)
+from quantkit.generators import (SamplingConfig, create_generator, example_config, generator_class,
+                                 list_generators, make_generator)
 from quantkit.generators.maskgit import cosine_schedule, masked_counts
 from quantkit.generators.sampling import guided_logits, top_k_filter, top_p_filter
 from quantkit.generators.var import block_causal_mask, split_scales
 
-NAMES = list_generators()
+#: the token generators (the continuous ones, MAR and DiT, are tested in tests/test_continuous_generators.py)
+NAMES = [n for n in list_generators() if not generator_class(n).continuous]
 
 
 def build(name, **overrides):

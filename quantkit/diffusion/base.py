@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from .._registry import Registry
-from ..generators.sampling import guided_logits
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -131,6 +130,8 @@ def guided_denoiser(net_both: Denoiser, guidance: float) -> Denoiser:
     answers the first B rows with the condition and the last B with the null class. Returns the B-row denoiser
     cond + w * (cond - uncond) (= uncond + s * (cond - uncond) with s = 1 + w; w = 0 is the conditional model,
     exactly). The same mixing rule as the discrete generators' logits (:func:`guided_logits`)."""
+    from ..generators.sampling import guided_logits  # here: quantkit.generators imports this package
+
     if not guidance >= 0:
         raise ValueError(f"guidance must be >= 0, got {guidance!r}")
 

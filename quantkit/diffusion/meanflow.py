@@ -78,12 +78,13 @@ class MeanFlow(NoiseProcess):
         _, dudt = self.time_derivative(net, z, t, r, v)
         return (v - per_sample(t - r, z) * dudt).detach()
 
-    def training_loss(self, net: Denoiser, x0: Tensor, uncond: Denoiser | None = None) -> Tensor:
+    def training_loss(self, net: Denoiser, x0: Tensor, uncond: Denoiser | None = None,
+                      guide_rows: Tensor | None = None) -> Tensor:
         """Adaptively weighted ||u_theta(z_t, r, t) - u_tgt||^2 (summed over dims, as the paper). -> (B,)
 
         uncond: the null-class denoiser; with guidance_omega > 1 the target's velocity becomes
         v_g = u(z_t, t, t | null) + omega * (v - u(z_t, t, t | null)) (section 4.2, kappa = 0) and the JVP tangent
-        is v_g. Rows the caller already trains on the null class should pass omega = 1 (the caller's business).
+        is v_g. guide_rows (B,) bool: the rows that get v_g (None = all); rows trained on the null class keep v.
         """
         B = x0.shape[0]
         t, r = self.sample_times(B, x0.device, x0.dtype)
@@ -95,7 +96,8 @@ class MeanFlow(NoiseProcess):
                 raise ValueError("MeanFlow: guidance_omega > 1 needs the null-class denoiser (uncond=...)")
             with torch.no_grad():
                 v_u = uncond(z, t, t)
-            v = v_u + self.guidance_omega * (v - v_u)
+            v_g = v_u + self.guidance_omega * (v - v_u)
+            v = v_g if guide_rows is None else torch.where(per_sample(guide_rows, v), v_g, v)
         u_tgt = self.target(net, z, t, r, v)
         err = (net(z, t, r) - u_tgt).pow(2).flatten(1).sum(1)  # (B,)
         if self.adaptive_p == 0:

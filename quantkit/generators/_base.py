@@ -6,6 +6,9 @@ A generator is a class-conditional model of the token IDs a quantkit tokenizer e
     generate(labels, steps=None, sampling=SamplingConfig(), generator=None) -> ids
     evaluations_per_image(steps, guidance) -> int        network forward passes one sample costs
 
+The label handling (null class, dropout, guidance batching, step checks) lives in ``ConditionalGenerator``, which
+the continuous generators (:mod:`.continuous`: MAR, DiT, over a KL-VAE's latents) share.
+
 The one idea to hold: class ``num_classes`` is the *null* class (label dropped), which classifier-free guidance
 uses as its unconditional branch; requests for any class outside [0, num_classes) are refused.
 """
@@ -38,19 +41,20 @@ class GeneratorConfig:
             raise ValueError(f"token_shape must be positive, got {self.token_shape}")
 
 
-class TokenGenerator(nn.Module):
+class ConditionalGenerator(nn.Module):
+    """What token and continuous generators share: the class labels (with the null class), label dropout,
+    guidance batching, step checks. ``cfg`` has ``num_classes`` and ``label_dropout``."""
+
     registry_name: str = ""
     config_class: type = GeneratorConfig
+    #: False: a model of token IDs (:class:`TokenGenerator`); True: of continuous latents (``ContinuousGenerator``)
+    continuous: bool = False
 
-    def __init__(self, cfg: GeneratorConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
 
     # ----------------------------------------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size
-
     @property
     def num_classes(self) -> int:
         return self.cfg.num_classes
@@ -83,21 +87,6 @@ class TokenGenerator(nn.Module):
                              f"0..{self.num_classes - 1}")
         return labels
 
-    def check_ids(self, ids: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
-        """ids must be int64 in [0, vocab_size) with the generator's token layout (B, *token_shape)."""
-        shape = self.cfg.token_shape if shape is None else shape
-        if not isinstance(ids, Tensor) or ids.dtype != torch.long:
-            raise ValueError(f"{type(self).__name__}: token ids must be an int64 tensor, got "
-                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
-        if tuple(ids.shape[1:]) != tuple(shape):
-            raise ValueError(f"{type(self).__name__}: token ids must have shape (B, {', '.join(map(str, shape))}), "
-                             f"got {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"{type(self).__name__}: token ids must lie in [0, {self.vocab_size}) (the generator's "
-                             f"vocabulary), got range [{int(ids.min())}, {int(ids.max())}]; was it trained on "
-                             f"another tokenizer?")
-        return ids
-
     @staticmethod
     def check_steps(steps: int | None, default: int) -> int:
         steps = default if steps is None else steps
@@ -117,6 +106,29 @@ class TokenGenerator(nn.Module):
         if guidance == 0:
             return labels
         return torch.cat([labels, torch.full_like(labels, self.null_class)])
+
+
+class TokenGenerator(ConditionalGenerator):
+    config_class: type = GeneratorConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def check_ids(self, ids: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+        """ids must be int64 in [0, vocab_size) with the generator's token layout (B, *token_shape)."""
+        shape = self.cfg.token_shape if shape is None else shape
+        if not isinstance(ids, Tensor) or ids.dtype != torch.long:
+            raise ValueError(f"{type(self).__name__}: token ids must be an int64 tensor, got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if tuple(ids.shape[1:]) != tuple(shape):
+            raise ValueError(f"{type(self).__name__}: token ids must have shape (B, {', '.join(map(str, shape))}), "
+                             f"got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"{type(self).__name__}: token ids must lie in [0, {self.vocab_size}) (the generator's "
+                             f"vocabulary), got range [{int(ids.min())}, {int(ids.max())}]; was it trained on "
+                             f"another tokenizer?")
+        return ids
 
     # ----------------------------------------------------------------------------------------------------------
     # what subclasses implement
