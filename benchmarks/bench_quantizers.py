@@ -9,6 +9,7 @@ allocated; CPU: peak RSS above the RSS before the first step).
     python benchmarks/bench_quantizers.py            # the full configuration
     python benchmarks/bench_quantizers.py --quick    # a small one, for a smoke test
     python benchmarks/bench_quantizers.py --only vq  # some methods only
+    python benchmarks/bench_quantizers.py --only fsq --update  # re-run some rows, keep the others' results
 
 Writes benchmarks/results/bench_quantizers.{json,md,png}. To add a method, append a ``Method`` to ``METHODS``:
 a name, a function building the quantkit module and one building the peer (or None) from a ``Shape``.
@@ -242,7 +243,10 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['name']} | {_fmt_time(q)} | {r['peer_name'] or '-'} | {_fmt_time(p) if p else '-'} | "
                      f"{_ratio(q, p, 'median_s') if p else '-'} | {_fmt_mem(q)} | {_fmt_mem(p) if p else '-'} | "
                      f"{_ratio(q, p, 'peak_bytes') if p else '-'} |")
-    lines += ["", f"Reproduce: `{meta['command']}`", ""]
+    commands = list(dict.fromkeys(r.get("command", meta["command"]) for r in rows))
+    lines += [""] + [f"Reproduce: `{c}`" + (" (rows: " + ", ".join(r["name"] for r in rows
+                                                                    if r.get("command", meta["command"]) == c) + ")"
+                                          if len(commands) > 1 else "") for c in commands] + [""]
     return "\n".join(lines)
 
 
@@ -272,6 +276,18 @@ def _plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _merge_rows(path: str, rows: list[dict], meta: dict) -> list[dict]:
+    """The rows of an earlier run at ``path`` with those of this run replacing them by name, in METHODS order."""
+    with open(path) as f:
+        old = json.load(f)
+    if old["meta"]["shape"] != meta["shape"]:
+        raise SystemExit(f"--update: {path} holds shape {old['meta']['shape']}, this run {meta['shape']}")
+    merged = {r["name"]: {"command": old["meta"]["command"], **r} for r in old["rows"]}
+    merged.update({r["name"]: r for r in rows})
+    order = [m.name for m in METHODS]
+    return sorted(merged.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4,096 tokens x dim 64, 1,024 codes")
@@ -288,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows run in the existing results of this shape (each row keeps the "
+                             "command that produced it)")
     args = parser.parse_args(argv)
     if args.worker:
         _worker_main(*args.worker, args)
@@ -295,9 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     shape = Shape(4096, 64, 1024, args.depth, 4) if args.quick else Shape(depth=args.depth)
     shape = replace(shape, **{k: v for k, v in (("tokens", args.tokens), ("codes", args.codes)) if v is not None})
     methods = [m for m in METHODS if not args.only or m.name in args.only]
+    command = "python benchmarks/bench_quantizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for m in methods:
-        row = {"name": m.name, "peer_name": m.peer_name, "quantkit": _run_one(m.name, "quantkit", args, shape)}
+        row = {"name": m.name, "peer_name": m.peer_name, "command": command,
+               "quantkit": _run_one(m.name, "quantkit", args, shape)}
         if m.peer is not None and not args.no_peer:
             row["peer"] = _run_one(m.name, "peer", args, shape)
         print(f"{m.name}: quantkit {_fmt_time(row['quantkit'])} {_fmt_mem(row['quantkit'])}"
@@ -309,10 +330,12 @@ def main(argv: list[str] | None = None) -> None:
             f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})", "torch": torch.__version__,
             "kernel": _ext.kernel_for("nearest_codeword", args.device.split(":")[0]), "warmup": args.warmup,
             "repeats": args.repeats, "mem_cap_gb": args.mem_cap_gb,
-            "command": "python benchmarks/bench_quantizers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command}
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else "" if shape == Shape(depth=shape.depth) else f"_{shape.tokens}x{shape.codes}"
     stem = os.path.join(args.out, "bench_quantizers" + suffix)
+    if args.update and os.path.exists(stem + ".json"):
+        rows = _merge_rows(stem + ".json", rows, meta)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     with open(stem + ".md", "w") as f:

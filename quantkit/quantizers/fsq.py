@@ -24,34 +24,33 @@ decode are FSQ's exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._registry import register_quantizer
 from .gradients import straight_through
 from .base import Quantizer
+from .projection import projections
 
 __all__ = ["FSQ"]
 
 _BOUND_EPS = 1e-3
+_GRIDS = ("paper", "symmetric")
+_BOUNDS = ("tanh", "clamp")
 
 
-class _Projection(nn.Linear):
-    """A linear map that computes in its weight's dtype (float32 also under autocast, which would otherwise change
-    the code choice) and returns its input's dtype, so a module cast with ``.half()`` still takes float32 rows."""
+class _Grid(NamedTuple):
+    """FSQ's per-channel constants in one dtype and device (each (d,))."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.to(self.weight.dtype)).to(x.dtype)
-
-
-def projections(dim: int, inner_dim: int, bias: bool = True) -> tuple[nn.Module, nn.Module]:
-    """(project_in, project_out) between ``dim`` and ``inner_dim``; identities when they are equal."""
-    if dim == inner_dim:
-        return nn.Identity(), nn.Identity()
-    return _Projection(dim, inner_dim, bias=bias), _Projection(inner_dim, dim, bias=bias)
+    levels: Tensor  # int64
+    basis: Tensor  # int64 mixed-radix place values
+    half_l: Tensor  # paper grid: half-width of the bound's interval
+    offset: Tensor  # paper grid: 0.5 for even levels
+    shift: Tensor  # paper grid: bound(0) = 0
+    half_width: Tensor  # paper grid: L // 2, the code divisor; symmetric grid: 2 / (L - 1), the code step
+    top: Tensor  # largest level digit, L - 1 (float)
 
 
 @register_quantizer("fsq", example=dict(dim=3, levels=(5, 4, 3)))
@@ -61,62 +60,124 @@ class FSQ(Quantizer):
     Args:
         levels: number of values per channel, each >= 2 (paper: [8,5,5,5] for 2^10, [8,8,8,5,5,5] for 2^16).
             Even levels give the asymmetric grid {-L/2 .. L/2 - 1} / (L // 2); with L = 2 the bound's gradient is
-            small around 0, so prefer levels >= 3.
+            small around 0, so prefer levels >= 3 (or the symmetric grid).
         dim: input size; learned linear projections map dim <-> len(levels) when they differ (default len(levels)).
         channel_first: x is (B, dim, *spatial).
         noise_dropout: probability in [0, 1] that an element's rounding is replaced by uniform noise of one step in
             training (see the module docstring); 0 (default) is the FSQ paper's straight-through rounding.
+        grid: "paper" (the FSQ paper's grid above) or "symmetric": L values 2k / (L - 1) - 1, k = 0 .. L - 1, from
+            digit floor((L - 1)(t + 1) / 2 + 1/2) of t = bound(z) in [-1, 1], symmetric about 0 for every L
+            (Parker et al. 2024, arXiv:2411.19842, sec. 3.2; residual FSQ uses it).
+        bound: "tanh" (default) or "clamp": a hard clamp to the interval instead of tanh (for inputs already
+            soft-clamped to the right range, as residual FSQ's levels are); gradient 1 inside, 0 outside.
 
     No loss (always zero) and no state besides the optional projections.
     """
 
+    may_skip_depths = False
+
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
-                 projection_bias: bool = True, noise_dropout: float = 0.0):
+                 projection_bias: bool = True, noise_dropout: float = 0.0, grid: str = "paper",
+                 bound: str = "tanh"):
         levels = _check_levels(levels)
         if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) \
                 or not 0.0 <= noise_dropout <= 1.0:
             raise ValueError(f"FSQ: noise_dropout must be a probability in [0, 1], got {noise_dropout!r}")
+        if grid not in _GRIDS:
+            raise ValueError(f"FSQ: grid must be one of {_GRIDS}, got {grid!r}")
+        if bound not in _BOUNDS:
+            raise ValueError(f"FSQ: bound must be one of {_BOUNDS}, got {bound!r}")
         super().__init__(len(levels) if dim is None else dim, math.prod(levels), channel_first)
         self.noise_dropout = float(noise_dropout)
+        self.grid, self.bound_kind = grid, bound
         self.levels_list = levels
         self._basis_list = [math.prod(levels[:i]) for i in range(len(levels))]  # mixed-radix place values
         self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
+        self._grids: dict[tuple, _Grid] = {}
 
     @property
     def levels(self) -> tuple[int, ...]:
         return tuple(self.levels_list)
 
-    # Constants are made on the fly rather than kept as buffers: they follow from ``levels``, stay int64 under
-    # ``.half()``, and a state_dict holds only the projections.
+    def _grid(self, device: torch.device, dtype: torch.dtype) -> _Grid:
+        """The constants, made once per (device, dtype) rather than kept as buffers: they follow from ``levels``,
+        stay int64 under ``.half()``, a state_dict holds only the projections, and a step does not rebuild them.
+        They are computed with the same tensor operations, in the same dtype, as the peer library's FSQ, so the
+        bound agrees with it to the bit."""
+        key = (device, dtype)
+        grid = self._grids.get(key)
+        if grid is None:
+            levels = torch.tensor(self.levels_list, dtype=torch.int64, device=device)
+            lf = levels.to(dtype)
+            half_l = (lf - 1) * (1 + _BOUND_EPS) / 2
+            offset = (1 - levels % 2).to(dtype) / 2
+            shift = offset / half_l if self.bound_kind == "clamp" else torch.atanh(offset / half_l)
+            half_width = 2.0 / (lf - 1) if self.grid == "symmetric" else (levels // 2).to(dtype)
+            grid = _Grid(levels, torch.tensor(self._basis_list, dtype=torch.int64, device=device), half_l, offset,
+                         shift, half_width, lf - 1)
+            self._grids[key] = grid
+        return grid
+
     def _levels_like(self, t: Tensor) -> Tensor:
-        return torch.tensor(self.levels_list, dtype=torch.int64, device=t.device)  # (d,)
+        return self._grid(t.device, torch.float32).levels  # (d,)
 
     def _basis_like(self, t: Tensor) -> Tensor:
-        return torch.tensor(self._basis_list, dtype=torch.int64, device=t.device)  # (d,)
+        return self._grid(t.device, torch.float32).basis  # (d,)
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def _squash(self, z: Tensor) -> Tensor:
+        return torch.tanh(z) if self.bound_kind == "tanh" else z.clamp(-1.0, 1.0)
+
     def bound(self, z: Tensor) -> Tensor:
-        """(N, d) -> (N, d) in an interval holding exactly ``levels[i]`` integers per channel; bound(0) = 0."""
-        levels = self._levels_like(z)
-        half_l = (levels.to(z.dtype) - 1) * (1 + _BOUND_EPS) / 2
-        offset = (1 - levels % 2).to(z.dtype) / 2  # 0.5 for even levels
-        return torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
+        """(N, d) -> (N, d): on the paper grid, values in an interval holding exactly ``levels[i]`` integers per
+        channel (bound(0) = 0); on the symmetric grid, the continuous digit (L - 1)(t + 1) / 2 + 1/2 in
+        [1/2, L - 1/2]."""
+        g = self._grid(z.device, z.dtype)
+        if self.grid == "symmetric":
+            return g.top * (self._squash(z) + 1) / 2.0 + 0.5
+        return self._squash(z + g.shift) * g.half_l - g.offset
 
     def _round(self, z: Tensor, noise: bool = False) -> tuple[Tensor, Tensor]:
         """Projected rows (N, d) -> (codes (N, d) with straight-through rounding, level digits (N, d) int64).
         With ``noise``, a ``noise_dropout`` share of the codes is the bounded value plus U(-1/2, 1/2) instead."""
+        g = self._grid(z.device, z.dtype)
+        if not (noise and self.noise_dropout > 0):
+            # One autograd node instead of a dozen: the code is a step function of z, its gradient the bound's.
+            return _BoundAndRound.apply(z, self, g)
         b = self.bound(z)
-        levels = self._levels_like(z)
-        low = -(levels // 2)  # (d,) smallest integer on the grid
-        integer = torch.maximum(torch.minimum(b.detach().round(), (low + levels - 1).to(b.dtype)),
-                                low.to(b.dtype))  # clamp guards the grid's edges against the (1 + eps) bound
-        rounded = straight_through(b, integer)  # (N, d) grid integers, gradient of b
-        if noise and self.noise_dropout > 0:
-            substitute = torch.rand_like(b) < self.noise_dropout  # (N, d) elements that get noise instead
-            rounded = torch.where(substitute, b + (torch.rand_like(b) - 0.5), rounded)
-        codes = rounded / (levels // 2).to(b.dtype)
-        return codes, integer.long() - low
+        if self.grid == "symmetric":
+            digit = torch.minimum(b.detach().floor(), g.top)  # (N, d) in [0, L - 1]
+            substitute = torch.rand_like(b) < self.noise_dropout
+            stepped = torch.where(substitute, b - 0.5 + (torch.rand_like(b) - 0.5), straight_through(b, digit))
+            return stepped * g.half_width - 1.0, digit.long()
+        low = -g.half_width  # (d,) smallest integer on the grid, -(L // 2)
+        integer = torch.maximum(torch.minimum(b.detach().round(), low + g.top), low)  # clamp: the (1 + eps) bound
+        substitute = torch.rand_like(b) < self.noise_dropout  # (N, d) elements that get noise instead
+        rounded = torch.where(substitute, b + (torch.rand_like(b) - 0.5), straight_through(b, integer))
+        return rounded / g.half_width, (integer - low).long()
+
+    def _hard_round(self, z: Tensor, g: _Grid) -> tuple[Tensor, Tensor, Tensor]:
+        """z (N, d) -> (codes, digits int64, d codes / d z), no autograd graph."""
+        if self.grid == "symmetric":
+            t = self._squash(z)
+            digit = torch.minimum((g.top * (t + 1) / 2.0 + 0.5).floor(), g.top)  # (N, d) in [0, L - 1]
+            slope = g.top / 2.0 * g.half_width  # d code / d t: 1, up to rounding
+            u = z
+            codes = digit * g.half_width - 1.0
+        else:
+            u = z + g.shift
+            t = self._squash(u)
+            low = -g.half_width
+            integer = torch.maximum(torch.minimum((t * g.half_l - g.offset).round(), low + g.top), low)
+            digit = integer - low
+            slope = g.half_l / g.half_width
+            codes = integer / g.half_width
+        if self.bound_kind == "tanh":
+            grad = (1 - t * t) * slope  # tanh' = 1 - tanh^2
+        else:
+            grad = torch.where(u.abs() <= 1.0, slope, torch.zeros_like(slope))
+        return codes, digit.long(), grad
 
     def digits_to_indices(self, digits: Tensor) -> Tensor:
         """Level digits (..., d) in [0, L_i) -> mixed-radix indices (...)."""
@@ -124,17 +185,23 @@ class FSQ(Quantizer):
 
     def indices_to_digits(self, indices: Tensor) -> Tensor:
         """Indices (...) -> level digits (..., d)."""
-        return torch.div(indices.unsqueeze(-1), self._basis_like(indices), rounding_mode="floor") % self._levels_like(indices)
+        g = self._grid(indices.device, torch.float32)
+        return torch.div(indices.unsqueeze(-1), g.basis, rounding_mode="floor") % g.levels
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Grid codes (..., len(levels)) -> indices (...); the inverse of :meth:`indices_to_codes`."""
-        half = self._levels_like(codes) // 2
-        return self.digits_to_indices((codes * half.to(codes.dtype)).round().long() + half)
+        g = self._grid(codes.device, codes.dtype)
+        if self.grid == "symmetric":
+            return self.digits_to_indices(((codes + 1) / g.half_width).round().long())
+        return self.digits_to_indices((codes * g.half_width).round().long() + g.levels // 2)
 
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Indices (...) -> grid codes (..., len(levels)) in [-1, 1], before the output projection."""
-        half = self._levels_like(indices) // 2
-        return (self.indices_to_digits(indices) - half).to(dtype) / half.to(dtype)
+        g = self._grid(indices.device, dtype)
+        digits = self.indices_to_digits(indices).to(dtype)
+        if self.grid == "symmetric":
+            return digits * g.half_width - 1.0
+        return (digits - g.half_width) / g.half_width
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -150,7 +217,25 @@ class FSQ(Quantizer):
 
     def extra_repr(self) -> str:
         noise = f", noise_dropout={self.noise_dropout}" if self.noise_dropout else ""
-        return f"levels={self.levels}{noise}, " + super().extra_repr()
+        options = "".join(f", {k}={v!r}" for k, v, d in (("grid", self.grid, "paper"), ("bound", self.bound_kind, "tanh"))
+                          if v != d)
+        return f"levels={self.levels}{noise}{options}, " + super().extra_repr()
+
+
+class _BoundAndRound(torch.autograd.Function):
+    """codes = round(bound(z)) / step in the forward pass, d codes / d z = bound'(z) / step in the backward."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, fsq: "FSQ", grid: _Grid) -> tuple[Tensor, Tensor]:
+        codes, digits, grad = fsq._hard_round(z, grid)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(digits)
+        return codes, digits
+
+    @staticmethod
+    def backward(ctx, grad_codes: Tensor, _grad_digits):
+        (grad,) = ctx.saved_tensors
+        return grad_codes * grad, None, None
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:

@@ -59,6 +59,8 @@ class LFQ(Quantizer):
         channel_first: x is (B, dim, *spatial).
     """
 
+    may_skip_depths = False
+
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
                  channel_first: bool = False, projection_bias: bool = True):

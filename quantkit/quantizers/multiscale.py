@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..ops import nearest_codeword
 from ._registry import register_quantizer
-from .base import Quantizer, QuantizerOutput, _compute_dtype, batch_usage_stats
+from .base import Quantizer, QuantizerOutput, _compute_dtype, all_finite, batch_usage_stats
 from .codebook import DeadCodeConfig, default_revival_state, track_usage_and_revive
 from .gradients import straight_through
 
@@ -179,7 +179,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         if x.dim() != 4 or tuple(x.shape[1:]) != expect:
             raise ValueError(f"MultiScaleResidualQuantizer: {name} must have shape (B, {expect[0]}, {expect[1]}, "
                              f"{expect[2]}) (channels, then the last patch size), got {tuple(x.shape)}")
-        if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
+        if not torch.compiler.is_compiling() and not all_finite(x):
             raise ValueError(f"MultiScaleResidualQuantizer: {name} contains NaN or inf")
         return x.to(_compute_dtype(x.dtype))
 

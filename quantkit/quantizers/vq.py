@@ -80,6 +80,8 @@ class VectorQuantizer(Quantizer):
         channel_first: x is (B, dim, *spatial).
     """
 
+    may_skip_depths = False
+
     def __init__(self, dim: int, codebook_size: int, *, codebook_dim: int | None = None, heads: int = 1,
                  metric: str = "l2", ema: EMAConfig | None = EMAConfig(), commitment_weight: float = 0.25,
                  codebook_weight: float = 1.0, dead_code: DeadCodeConfig | None = None,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ...quantizers import FSQ as _FSQ
 from ...quantizers import ResidualQuantizer
+from ...quantizers.projection import ThinLinear
 from ._common import (REQUIRED, Option, decode_with_sentinel, from_channels_last, load_projections, only_default,
                       parse_options, reject_call, set_signature, to_channels_last)
 
@@ -61,9 +62,9 @@ class FSQ(nn.Module):
         self.dim = dim if dim is not None else self.effective_codebook_dim
         self.has_projections = self.dim != self.effective_codebook_dim
         bias = o["projection_has_bias"]
-        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=bias) if self.has_projections \
+        self.project_in = ThinLinear(self.dim, self.effective_codebook_dim, bias=bias) if self.has_projections \
             else nn.Identity()
-        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=bias) if self.has_projections \
+        self.project_out = ThinLinear(self.effective_codebook_dim, self.dim, bias=bias) if self.has_projections \
             else nn.Identity()
         self.channel_first, self.return_indices = o["channel_first"], o["return_indices"]
         self.codebook_size = math.prod(self.levels)
@@ -146,8 +147,8 @@ class ResidualFSQ(nn.Module):
         self.codebook_dim = len(self.levels)
         self.dim = o["dim"] if o["dim"] is not None else self.codebook_dim
         self.has_projections = self.dim != self.codebook_dim
-        self.project_in = nn.Linear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        self.project_in = ThinLinear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = ThinLinear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
         self.rq = ResidualQuantizer(self.codebook_dim, "fsq", depth=self.num_quantizers, levels=self.levels,
                                     layer_scale=1.0 / (min(self.levels) - 1),

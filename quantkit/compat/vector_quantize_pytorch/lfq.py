@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ...quantizers import LFQ as _LFQ
 from ...quantizers import EntropyLoss, ResidualQuantizer
 from ...quantizers.base import bits_for
+from ...quantizers.projection import ThinLinear
 from ._common import (REQUIRED, Option, decode_with_sentinel, from_channels_last, load_projections, only_default,
                       parse_options, reject_call, set_signature, swapped, to_channels_last, unless)
 from .residual_vq import residual_losses
@@ -92,8 +93,8 @@ class LFQ(nn.Module):
         self.dim = dim if dim is not None else codebook_dims
         self.has_projections = o["has_projections"] if o["has_projections"] is not None else self.dim != codebook_dims
         bias = o["projection_has_bias"]
-        self.project_in = nn.Linear(self.dim, codebook_dims, bias=bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dims, self.dim, bias=bias) if self.has_projections else nn.Identity()
+        self.project_in = ThinLinear(self.dim, codebook_dims, bias=bias) if self.has_projections else nn.Identity()
+        self.project_out = ThinLinear(codebook_dims, self.dim, bias=bias) if self.has_projections else nn.Identity()
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
             else self.num_codebooks > 1
         self.channel_first = o["channel_first"]
@@ -181,8 +182,8 @@ class ResidualLFQ(nn.Module):
         self.dim, self.codebook_size, self.num_quantizers = dim, codebook_size, o["num_quantizers"]
         self.codebook_dim = bits_for(codebook_size)
         self.has_projections = self.codebook_dim != dim
-        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.project_in = ThinLinear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = ThinLinear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
         self.rq = ResidualQuantizer(self.codebook_dim, "lfq", depth=self.num_quantizers, codebook_size=codebook_size,
                                     entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
