@@ -14,6 +14,7 @@ from PIL import Image
 
 from quantkit.cli import main as cli_main
 from quantkit.quantizers import list_quantizers
+from quantkit.training import CheckpointError, rewrite_config
 from quantkit.tokenizers.train import TrainConfig, load_tokenizer, read_metrics, train_tokenizer
 
 QUANTIZER = "vq" if "vq" in list_quantizers() else "fsq"
@@ -62,7 +63,7 @@ def test_interrupted_then_resumed_run_repeats_the_uninterrupted_losses(tmp_path)
 def test_checkpoint_holds_weights_config_and_optimizer_state(tmp_path):
     result = train_tokenizer(_config(tmp_path, steps=2), dataset=_data())
     files = sorted(p.name for p in result.checkpoint.iterdir())
-    assert files == ["config.json", "model.safetensors", "train_state.pt"]
+    assert files == ["config.json", "manifest.json", "model.safetensors", "train_state.pt"]
     config = json.loads((result.checkpoint / "config.json").read_text())
     assert config["model"] == "vqvae" and config["token_shape"] == [2, 2] and config["train_config"]["steps"] == 2
     state = torch.load(result.checkpoint / "train_state.pt", weights_only=True)
@@ -109,14 +110,19 @@ def test_bad_requests_get_clear_errors(tmp_path):
         train_tokenizer(_config(tmp_path, "dim", quantizer_kwargs={**QKW, "dim": 7}), dataset=data)
     # weights of one model under the config of another: the error names the keys
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
-    config = json.loads((ckpt / "config.json").read_text())
+    original = (ckpt / "config.json").read_text()
+    config = json.loads(original)
     config["model"] = "vqgan"
     config["tokenizer_config"] = {"image_size": 8, "channels": 1, "quantizer": QUANTIZER, "quantizer_kwargs": QKW,
                                   **{k: v for k, v in TINY_VQGAN.items()}}
     (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json' is truncated or overwritten"):  # the manifest sees it
+        load_tokenizer(ckpt)
+    (ckpt / "config.json").write_text(original)
+    rewrite_config(ckpt, config)  # an edit that goes through the manifest
     with pytest.raises(ValueError, match="missing keys.*Was it written by another model"):
         load_tokenizer(ckpt)
-    (ckpt / "config.json").write_text(json.dumps({"format": "something-else"}))
+    rewrite_config(ckpt, {"format": "something-else"})
     with pytest.raises(ValueError, match="not a quantkit tokenizer checkpoint"):
         load_tokenizer(ckpt)
 

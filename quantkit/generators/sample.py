@@ -2,8 +2,9 @@
 
     result = sample("runs/maskgit", labels=[3, 7], count=8, steps=8, guidance=2.0, seed=0, out_dir="samples")
 
-The generator checkpoint names the tokenizer it was trained on; that tokenizer decodes the IDs (a different one
-may be passed, and is refused when its vocabulary or token layout differs). One row of the grid per label.
+The generator run carries a copy of the tokenizer it was trained on (``tokenizer/`` in the run folder); that
+tokenizer decodes the IDs, wherever the run folder has been moved (a different one may be passed, and is refused
+when its vocabulary or token layout differs). One row of the grid per label.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .sampling import SamplingConfig, make_generator
-from .train import check_tokenizer_matches, load_generator
+from .train import check_tokenizer_matches, generator_tokenizer_path, load_generator
 
 
 @dataclass
@@ -39,7 +40,7 @@ def sample(generator_path: str | os.PathLike, labels, count: int = 8, steps: int
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive int, got {count!r}")
     model, meta = load_generator(generator_path, map_location=device)
-    tok_path = tokenizer_path or meta["tokenizer"]
+    tok_path = tokenizer_path or generator_tokenizer_path(generator_path, meta)
     tokenizer = load_tokenizer(tok_path).to(device)
     check_tokenizer_matches(model, tokenizer, f"tokenizer {str(tok_path)!r}")
     base = model.check_labels(labels)  # unknown class -> clear error before any work

@@ -5,10 +5,11 @@
     model, meta = load_generator(result.checkpoint)
 
 The dataset is tokenized *once* with the trained tokenizer and the token IDs are cached in the run folder
-(``tokens.pt``, keyed by a fingerprint of the tokenizer's weights); training then never touches pixels. A run folder
-has the tokenizer run's layout - ``checkpoints/step_XXXXXXX/`` (model.safetensors, config.json, train_state.pt),
-``latest.json``, ``metrics.jsonl`` - and the same guarantees: atomic checkpoints, exact resume (step s's batch and
-RNG are seeded from (seed, s)), Ctrl-C saves, torchrun / DDP with each rank taking a slice of the global batch.
+(``tokens.pt``, keyed by a fingerprint of the tokenizer's weights); training then never touches pixels. The run
+folder is :mod:`quantkit.training`'s (atomic checkpoints with a manifest, exact resume from the newest good one,
+metrics log, progress, Ctrl-C, torchrun / DDP with each rank taking a slice of the global batch), plus
+``tokenizer/``: a copy of the tokenizer checkpoint the generator was trained on (hard links where possible), so
+the run samples from wherever it is moved, and a later change to the tokenizer's own run cannot silently change it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..tokenizers.train import (RunConfig, _atomic_write_text, _lr_at, _setup_distributed, _step_seed, _truncate_metrics,
-                                load_weights, read_metrics)
-from ..tokenizers.train import resolve_checkpoint as _resolve_checkpoint  # shared; this module's names "generator"
+from ..training import (RunConfig, copy_checkpoint, load_tensors, load_train_state, load_weights, lr_at, open_run,
+                        read_config, read_metrics, resolve_recorded, say, step_indices, step_seed, wrap_ddp,
+                        write_checkpoint)
+from ..training import resolve_checkpoint as _resolve_checkpoint
 from ._base import TokenGenerator
 from ._registry import create_generator, generator_class
 
 FORMAT = "quantkit-generator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json in every checkpoint, the tokenizer copied into the run folder
+#: Where a generator run keeps the copy of the tokenizer it was trained on (relative to the run folder).
+TOKENIZER_COPY = "tokenizer"
 
 __all__ = ["DIGITS_RECIPES", "GeneratorTrainConfig", "digits_recipe", "GeneratorTrainResult", "check_tokenizer_matches", "generator_for_tokenizer",
            "load_generator", "read_metrics", "tokenize_dataset", "train_generator"]
@@ -47,6 +49,8 @@ class GeneratorTrainConfig(RunConfig):
     tokenizer: a trained quantkit tokenizer (run folder or checkpoint folder). model_config: overrides of the
     generator's config (dim, depth, ...); vocab_size / token_shape / scales come from the tokenizer.
     """
+
+    PATH_FIELDS = ("tokenizer",)
 
     generator: str = "maskgit"
     tokenizer: str = ""
@@ -179,77 +183,79 @@ def tokenize_dataset(tokenizer, dataset, batch_size: int = 256, device: str | to
     return torch.cat(ids), torch.cat(labels)
 
 
-def _cached_tokens(out_dir: Path, tokenizer, config: GeneratorTrainConfig, rank: int) -> tuple[Tensor, Tensor]:
-    """Token IDs of the training split, computed once per tokenizer and cached in the run folder."""
+def _tokens_key(tokenizer, config: GeneratorTrainConfig) -> dict[str, str]:
+    return {"tokenizer": _fingerprint(tokenizer), "data": config.data}
+
+
+def _cached_tokens(out_dir: Path, tokenizer, config: GeneratorTrainConfig) -> tuple[Tensor, Tensor]:
+    """Token IDs of the training split: the run folder's cache when it is of this tokenizer, else computed."""
     from ..data import load_dataset
 
-    key = {"tokenizer": _fingerprint(tokenizer), "data": config.data}
     path = out_dir / "tokens.pt"
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable cache is recomputed
+            cached = {}
+        if cached.get("key") == _tokens_key(tokenizer, config):
             return cached["ids"], cached["labels"]
     dataset = load_dataset(config.data, "train", tokenizer.image_shape[-1], seed=config.seed)
-    ids, labels = tokenize_dataset(tokenizer, dataset, device=config.device)
-    if rank == 0:
-        tmp = path.with_name(f".tokens.pt.tmp-{os.getpid()}")
-        torch.save({"key": key, "ids": ids, "labels": labels}, tmp)
-        os.replace(tmp, path)
-    return ids, labels
+    return tokenize_dataset(tokenizer, dataset, device=config.device)
+
+
+def _save_tokens(out_dir: Path, tokenizer, config: GeneratorTrainConfig, ids: Tensor, labels: Tensor) -> None:
+    """Caches the token IDs in the run folder (atomically), unless the cache already holds them."""
+    path, key = out_dir / "tokens.pt", _tokens_key(tokenizer, config)
+    if path.is_file():
+        try:
+            if torch.load(path, map_location="cpu", weights_only=True).get("key") == key:
+                return
+        except Exception:
+            pass
+    tmp = path.with_name(f".tokens.pt.tmp-{os.getpid()}")
+    torch.save({"key": key, "ids": ids, "labels": labels}, tmp)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints (the tokenizer run layout; the helpers above come from quantkit.tokenizers.train)
+# checkpoints (the folder mechanics are quantkit.training's; this is what a generator checkpoint says)
 
 
 def save_checkpoint(out_dir: Path, step: int, model: TokenGenerator, config: GeneratorTrainConfig,
                     train_state: dict[str, Any] | None, metrics: dict[str, float] | None = None) -> Path:
-    """Writes checkpoints/step_{step} into a temporary folder, renames it into place, points latest.json at it."""
-    from safetensors.torch import save_file
-
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+    """Writes checkpoints/step_{step} atomically (with its manifest) and points latest.json at it. The checkpoint
+    names the run's own copy of the tokenizer (``tokenizer/`` beside ``checkpoints/``)."""
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "generator": model.registry_name,
-            "generator_config": model.config_dict(), "step": step, "tokenizer": config.tokenizer,
-            "metrics": metrics or {}, "train_config": config.to_dict()}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    old = root / f".old-step_{step:07d}-{os.getpid()}"
-    if final.exists():  # re-saving a step (Ctrl-C right after a periodic save)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    _atomic_write_text(out_dir / "latest.json", json.dumps({"checkpoint": str(final.relative_to(out_dir)),
-                                                            "step": step}))
-    for p in sorted(p for p in root.iterdir() if p.name.startswith("step_"))[:-config.keep_checkpoints]:
-        if p != final:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+            "generator_config": model.config_dict(), "step": step, "tokenizer": TOKENIZER_COPY,
+            "metrics": metrics or {}, "train_config": config.recorded(out_dir, tokenizer=TOKENIZER_COPY)}
+    return write_checkpoint(out_dir, step, model.state_dict(), meta, train_state, config.keep_checkpoints)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A generator run folder (its latest checkpoint) or checkpoint folder -> the checkpoint folder."""
+    """A generator run folder (its latest checkpoint) or checkpoint folder -> the verified checkpoint folder."""
     return _resolve_checkpoint(path, kind="generator")
+
+
+def resolve_checkpoint_of_tokenizer(path: str | os.PathLike) -> Path:
+    return _resolve_checkpoint(path, kind="tokenizer")
 
 
 def load_generator(path: str | os.PathLike, map_location: str = "cpu") -> tuple[TokenGenerator, dict[str, Any]]:
     """(generator in eval mode, its checkpoint's config.json) from a run folder or a checkpoint folder."""
-    from safetensors.torch import load_file
-
     ckpt = resolve_checkpoint(path)
-    meta = json.loads((ckpt / "config.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(ckpt)!r} is not a quantkit generator checkpoint (config.json format is "
-                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+    meta = read_config(ckpt, FORMAT, "generator")
     model = create_generator(meta["generator"], **meta["generator_config"])
-    load_weights(model, load_file(str(ckpt / "model.safetensors"), device=map_location), str(ckpt))
+    load_weights(model, load_tensors(ckpt, map_location), str(ckpt))
     return model.to(map_location).eval(), meta
+
+
+def generator_tokenizer_path(path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Where the tokenizer that the generator run or checkpoint ``path`` names is now: the run's own copy,
+    recorded relative to the run folder (runs from before the copy recorded a path relative to the working
+    directory, which is tried second)."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return resolve_recorded(meta["tokenizer"], run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,37 +294,33 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
 
     if isinstance(config, dict):
         config = GeneratorTrainConfig.from_dict(config)
-    rank, world, device = _setup_distributed(config.device)
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
-    out_dir = Path(config.out_dir)
-    has_checkpoint = (out_dir / "latest.json").is_file()
-    if has_checkpoint and not resume:
-        raise FileExistsError(f"{str(out_dir)!r} already holds a training run; pass --resume (resume=True) to "
-                              f"continue it, or choose another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config.tokenizer)
-    ids, labels = _cached_tokens(out_dir, tokenizer, config, rank)
+    run = open_run(config.out_dir, resume, config.device, config.progress, config.batch_size)
+    device, rank, world, out_dir = run.device, run.rank, run.world, run.out_dir
+    tokenizer_ckpt = resolve_checkpoint_of_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_ckpt)
+    own_copy = out_dir / TOKENIZER_COPY
+    if run.resume_from is not None:
+        meta = read_config(run.resume_from, FORMAT, "generator")
+        if meta.get("generator") != config.generator:
+            raise ValueError(f"{str(out_dir)!r} holds a {meta.get('generator')!r} run, not {config.generator!r}")
+        if own_copy.is_dir() and _fingerprint(load_tokenizer(own_copy)) != _fingerprint(tokenizer):
+            raise ValueError(f"--tokenizer {str(config.tokenizer)!r} is not the tokenizer this run was trained on "
+                             f"(its copy is {str(own_copy)!r}); resume with that one")
+    ids, labels = _cached_tokens(out_dir, tokenizer, config)
     torch.manual_seed(config.seed)
     num_classes = int(labels.max()) + 1
     model = generator_for_tokenizer(config.generator, tokenizer, num_classes, config.model_config).to(device)
-    del tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     ema = None
     if config.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-    start, losses = 0, []
-    if has_checkpoint:
-        from safetensors.torch import load_file
-
-        ckpt = resolve_checkpoint(out_dir)
-        meta = json.loads((ckpt / "config.json").read_text())
-        if meta.get("generator") != config.generator:
-            raise ValueError(f"{str(out_dir)!r} holds a {meta.get('generator')!r} run, not {config.generator!r}")
-        saved = load_file(str(ckpt / "model.safetensors"), device=str(device))  # the average, in an EMA run
-        state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True)
+    start = 0
+    if run.resume_from is not None:
+        ckpt = run.resume_from
+        saved = load_tensors(ckpt, device)  # the average, in an EMA run
+        state = load_train_state(ckpt, device)
         if (ema is None) != ("weights" not in state):
             raise ValueError(f"{str(out_dir)!r} was trained with ema_decay "
                              f"{'> 0' if 'weights' in state else '= 0'}; resume it with the same setting")
@@ -328,32 +330,33 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
             ema.n_averaged.fill_(int(state["ema_updates"]))
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
-        losses = [(int(m["step"]), float(m["loss"])) for m in read_metrics(out_dir)]
-    loss_module: nn.Module = _LossModule(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-    if rank == 0:
-        print(f"[quantkit] training {config.generator} on {len(ids)} tokenized {config.data} images: token shape "
-              f"{tuple(ids.shape[1:])}, vocab {model.vocab_size}, {model.num_parameters():,} parameters, "
-              f"{world} process(es)", file=sys.stderr)
-    bar = None
-    if rank == 0 and config.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=start, desc=f"train-{config.generator}", dynamic_ncols=True)
+    run.prepare(start)
+    if run.is_main:
+        _save_tokens(out_dir, tokenizer, config, ids, labels)
+        if not own_copy.is_dir():  # the run carries the tokenizer it is trained on
+            copy_checkpoint(tokenizer_ckpt, own_copy)
+    del tokenizer
+    losses = [(int(m["step"]), float(m["loss"])) for m in run.metrics.read()] if start else []
+    loss_module = wrap_ddp(_LossModule(model), device, world)
+    if run.is_main:
+        say(f"training {config.generator} on {len(ids)} tokenized {config.data} images: token shape "
+            f"{tuple(ids.shape[1:])}, vocab {model.vocab_size}, {model.num_parameters():,} parameters, "
+            f"{world} process(es)")
+    bar = run.progress(config.steps, start, f"train-{config.generator}")
     ids, labels = ids.to(device), labels.to(device)
     step, window, last = start, [], {}
+
+    def save() -> Path | None:
+        saved_model, train_state = _saved_model_and_state(model, ema, opt, step)
+        return save_checkpoint(out_dir, step, saved_model, config, train_state, last) if run.is_main else None
+
     t0 = time.perf_counter()
     model.train()
-    try:
+    with run.checkpoint_on_interrupt(save):
         while step < config.steps:
-            g = torch.Generator().manual_seed(_step_seed(config.seed, step))
-            idx = torch.randint(len(ids), (config.batch_size,), generator=g)[rank::world].to(device)
-            torch.manual_seed(_step_seed(config.seed, step) + 1 + rank)  # masks, label dropout of this step
-            lr = _lr_at(config, step)
+            idx = step_indices(config.seed, step, len(ids), config.batch_size, rank, world).to(device)
+            torch.manual_seed(step_seed(config.seed, step) + 1 + rank)  # masks, label dropout of this step
+            lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = loss_module(ids[idx], labels[idx])
@@ -370,31 +373,14 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
                 last = {"step": step, "loss": sum(window) / len(window), "lr": lr}
                 losses.append((step, last["loss"]))
                 window = []
-                if rank == 0:
-                    with open(out_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if bar is not None:
-                bar.update(1)
+                run.metrics.append(last)
+            bar.update(1, **({"loss": last["loss"]} if last else {}))
             if callback is not None and rank == 0:
                 callback(step, window[-1] if window else float(loss.detach()))
-            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-                saved_model, train_state = _saved_model_and_state(model, ema, opt, step)
-                save_checkpoint(out_dir, step, saved_model, config, train_state, last)
-    except KeyboardInterrupt:
-        if rank == 0:
-            saved_model, train_state = _saved_model_and_state(model, ema, opt, step)
-            path = save_checkpoint(out_dir, step, saved_model, config, train_state, last)
-            print(f"\n[quantkit] interrupted at step {step}; checkpoint saved to {path}; continue with --resume",
-                  file=sys.stderr)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save()
     seconds = time.perf_counter() - t0
-    if world > 1:
-        dist.barrier()
+    run.barrier()
     return GeneratorTrainResult(checkpoint=resolve_checkpoint(out_dir), out_dir=out_dir, metrics=last,
                                 losses=losses, seconds=seconds, num_parameters=model.num_parameters())
 

@@ -4,16 +4,12 @@
                                          model_config={"embed_dim": 4}, data="digits", steps=1500, out_dir="runs/t"))
     tok = load_tokenizer(result.checkpoint)
 
-A run folder holds
-    checkpoints/step_XXXXXXX/   model.safetensors (weights), config.json (model + training config, metrics),
-                                train_state.pt (step, optimizer, discriminator and its optimizer)
-    latest.json                 which checkpoint is newest (replaced atomically)
-    metrics.jsonl               one line per logged step (loss terms, PSNR, codebook usage, lr)
+The run folder (layout, atomic checkpoints with a manifest, resume from the newest good checkpoint, metrics log,
+progress, Ctrl-C, DDP set-up) is :mod:`quantkit.training`'s; this module is what is particular to tokenizers: the
+model, its losses (reconstruction, perceptual, PatchGAN) and what a tokenizer checkpoint records.
 
-The one idea to hold: step s is a pure function of (weights, optimizer state, seed, s). Its batch indices and the
-global RNG are both seeded from (seed, s), so a run resumed from the checkpoint of step s repeats exactly the losses
-of an uninterrupted one; a checkpoint is written into a temporary folder and renamed into place, so an interrupted
-write never replaces a good checkpoint.
+The one idea to hold: step s is a pure function of (weights, optimizer state, seed, s), so a run resumed from the
+checkpoint of step s repeats exactly the losses of an uninterrupted one, even after a SIGKILL.
 
 Under ``torchrun`` (WORLD_SIZE > 1) each process takes its slice of the global batch and DistributedDataParallel
 averages the gradients (gloo on CPU, NCCL on CUDA); rank 0 writes checkpoints and logs.
@@ -22,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,39 +27,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..data import dataset_channels, load_dataset, stack_batch
-from .base import Tokenizer, reject_unknown_fields
+from ..data import DATASETS, dataset_channels, load_dataset, stack_batch
+from ..training import (MetricsLog, RunConfig, atomic_write_text, load_tensors, load_train_state, load_weights,
+                        lr_at, open_run, read_config, rewrite_config, say, setup_distributed,
+                        step_indices, step_seed, wrap_ddp, write_checkpoint)
+from ..training import read_metrics  # noqa: F401  (re-exported: quantkit.tokenizers.train.read_metrics)
+from ..training import resolve_checkpoint as _resolve_checkpoint
+from .base import Tokenizer
 from .discriminator import DiscriminatorConfig, PatchDiscriminator
 from .losses import GANLossConfig, PerceptualLoss, adaptive_weight, hinge_d_loss, hinge_g_loss
 
 FORMAT = "quantkit-tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json in every checkpoint, paths recorded relative to the run folder
+_READABLE_VERSIONS = (1, 2)
 
-
-class RunConfig:
-    """What the tokenizer and generator training configs share: JSON round trip and the loop's common checks."""
-
-    def _check_loop_fields(self) -> None:
-        self.betas = tuple(self.betas)
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        reject_unknown_fields(cls, d)
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+# the shared run machinery under the names this module has always exported
+_atomic_write_text, _lr_at, _step_seed, _setup_distributed = atomic_write_text, lr_at, step_seed, setup_distributed
 
 
 @dataclass
@@ -78,6 +54,8 @@ class TrainConfig(RunConfig):
     image_size: None = the dataset's default; proxy_tokenizer: a trained quantkit VQGAN run/checkpoint (TiTok
     head="proxy_codes"); init_from: a tokenizer checkpoint whose weights start this run (TiTok stage 2).
     """
+
+    PATH_FIELDS = ("data", "proxy_tokenizer", "init_from")
 
     model: str = "vqgan"
     model_config: dict[str, Any] = field(default_factory=dict)
@@ -113,6 +91,9 @@ class TrainConfig(RunConfig):
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"TrainConfig.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
 
+    @classmethod
+    def is_path(cls, name: str, value: Any) -> bool:
+        return super().is_path(name, value) and not (name == "data" and value in DATASETS)
 
 
 @dataclass
@@ -123,119 +104,61 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints (the folder mechanics are quantkit.training's; this is what a tokenizer checkpoint says)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _checkpoint_config(tokenizer: Tokenizer, step: int, train_config: dict[str, Any] | None,
+                       metrics: dict[str, float] | None) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model": tokenizer.registry_name,
+            "tokenizer_config": tokenizer.config.to_dict(), "step": step,
+            "token_shape": list(tokenizer.token_shape), "vocab_size": tokenizer.vocab_size,
+            "pixel_range": list(tokenizer.pixel_range), "metrics": metrics or {}, "train_config": train_config}
 
 
-def _write_checkpoint_files(tmp: Path, step: int, tokenizer: Tokenizer, train_config: TrainConfig | None,
-                            train_state: dict[str, Any] | None, metrics: dict[str, float] | None) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    config = {"format": FORMAT, "version": FORMAT_VERSION, "model": tokenizer.registry_name,
-              "tokenizer_config": tokenizer.config.to_dict(), "step": step,
-              "token_shape": list(tokenizer.token_shape), "vocab_size": tokenizer.vocab_size,
-              "pixel_range": list(tokenizer.pixel_range), "metrics": metrics or {},
-              "train_config": train_config.to_dict() if train_config is not None else None}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    for p in tmp.iterdir():  # flush before the rename makes the folder visible
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+def _check_savable(tokenizer: Tokenizer) -> None:
+    if not tokenizer.quantizer.registry_name:
+        raise ValueError("save_checkpoint: the tokenizer's quantizer is not a registered quantizer, so the checkpoint "
+                         "could not be rebuilt; register it with quantkit.quantizers.register_quantizer")
 
 
 def save_checkpoint(out_dir: Path, step: int, tokenizer: Tokenizer, train_config: TrainConfig | None,
                     train_state: dict[str, Any] | None, metrics: dict[str, float] | None = None,
                     keep: int = 2) -> Path:
-    """Writes checkpoints/step_{step} atomically (temp folder, then rename) and points latest.json at it."""
-    if not tokenizer.quantizer.registry_name:
-        raise ValueError("save_checkpoint: the tokenizer's quantizer is not a registered quantizer, so the checkpoint "
-                         "could not be rebuilt; register it with quantkit.quantizers.register_quantizer")
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_checkpoint_files(tmp, step, tokenizer, train_config, train_state, metrics)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint and latest.json stay as they were
-        raise
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        old = root / f".old-step_{step:07d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _atomic_write_text(Path(out_dir) / "latest.json",
-                       json.dumps({"checkpoint": str(final.relative_to(out_dir)), "step": step}))
-    kept = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    for p in kept[:-keep] if keep > 0 else []:
-        if p != final:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+    """Writes checkpoints/step_{step} atomically (with its manifest) and points latest.json at it."""
+    _check_savable(tokenizer)
+    recorded = train_config.recorded(out_dir) if train_config is not None else None
+    return write_checkpoint(out_dir, step, tokenizer.state_dict(),
+                            _checkpoint_config(tokenizer, step, recorded, metrics), train_state, keep)
 
 
 def resolve_checkpoint(path: str | os.PathLike, kind: str = "tokenizer") -> Path:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder (``kind`` names what
-    was trained, for the error message)."""
-    path = Path(path)
-    if (path / "latest.json").is_file():
-        return path / json.loads((path / "latest.json").read_text())["checkpoint"]
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(f"{str(path)!r} is neither a {kind} run folder (with latest.json) nor a {kind} "
-                            f"checkpoint folder (with config.json and model.safetensors)")
+    """A run folder (its latest checkpoint) or a checkpoint folder -> the verified checkpoint folder."""
+    return _resolve_checkpoint(path, kind)
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint_config(path: str | os.PathLike, as_recorded: bool = False) -> dict[str, Any]:
+    """A tokenizer checkpoint's config.json. The paths in its ``train_config`` are made usable from the working
+    directory (recorded, they are relative to the run folder) unless ``as_recorded``."""
     ckpt = resolve_checkpoint(path)
-    config = json.loads((ckpt / "config.json").read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{str(ckpt)!r} is not a quantkit tokenizer checkpoint (config.json format is "
-                         f"{config.get('format')!r}, expected {FORMAT!r})")
+    config = read_config(ckpt, FORMAT, "tokenizer")
+    if config.get("version", 1) not in _READABLE_VERSIONS:
+        raise ValueError(f"{str(path)!r} is a tokenizer checkpoint of format version {config.get('version')!r}; "
+                         f"this quantkit reads versions {list(_READABLE_VERSIONS)}")
+    if not as_recorded and config.get("version", 1) >= 2 and isinstance(config.get("train_config"), dict):
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+        config["train_config"] = TrainConfig.resolve_recorded_paths(config["train_config"], run_dir)
     return config
 
 
 def load_tokenizer(path: str | os.PathLike, map_location: str = "cpu") -> Tokenizer:
     """A trained tokenizer (eval mode) from a run folder or checkpoint folder."""
-    from safetensors.torch import load_file
-
     from . import create_tokenizer
 
     ckpt = resolve_checkpoint(path)
     config = read_checkpoint_config(ckpt)
     tokenizer = create_tokenizer(config["model"], dict(config["tokenizer_config"]))
-    load_weights(tokenizer, load_file(str(ckpt / "model.safetensors"), device=map_location), str(ckpt))
+    load_weights(tokenizer, load_tensors(ckpt, map_location), str(ckpt))
     return tokenizer.eval()
-
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Strict load with an error that names missing, unexpected and mismatched keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
-        def show(xs):
-            return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
-        raise ValueError(f"{source} does not match a {type(model).__name__} built from its config: missing keys "
-                         f"[{show(missing)}]; unexpected keys [{show(unexpected)}]; shape mismatches "
-                         f"[{show(mismatched)}]. Was it written by another model or quantizer?")
-    model.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,35 +176,10 @@ class _LossModule(nn.Module):
         return self.tokenizer.training_loss(images, self.recon_loss)
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2 ** 63)
-
-
-def _lr_at(config: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def psnr(x01: Tensor, y01: Tensor) -> Tensor:
     """Mean PSNR (dB) over a batch of [0, 1] images."""
     mse = (x01.float() - y01.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
     return (10 * torch.log10(1.0 / mse)).mean()
-
-
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    dev = torch.device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(dev)
-    return rank, world, dev
 
 
 def build_tokenizer_for(config: TrainConfig, channels: int, image_size: int) -> Tokenizer:
@@ -294,11 +192,8 @@ def build_tokenizer_for(config: TrainConfig, channels: int, image_size: int) -> 
         extra["proxy_tokenizer"] = load_tokenizer(config.proxy_tokenizer)
     tokenizer = create_tokenizer(config.model, **overrides, **extra)
     if config.init_from:
-        from safetensors.torch import load_file
-
         ckpt = resolve_checkpoint(config.init_from)
-        state = load_file(str(ckpt / "model.safetensors"))
-        load_weights(tokenizer, state, str(ckpt))
+        load_weights(tokenizer, load_tensors(ckpt), str(ckpt))
     return tokenizer
 
 
@@ -307,21 +202,15 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
     """Trains a tokenizer; returns the final checkpoint and metrics.
 
     dataset: a map-style dataset of [0, 1] images (default: ``config.data``'s train split). resume: continue from
-    the run folder's latest checkpoint (without it, a folder that already holds a checkpoint is an error).
+    the run folder's newest good checkpoint (without it, a folder that already holds a checkpoint is an error).
     callback(step, metrics) runs on rank 0 after every step (raising KeyboardInterrupt from it acts as Ctrl-C).
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    rank, world, device = _setup_distributed(config.device)
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes {world}")
-    out_dir = Path(config.out_dir)
-    has_checkpoint = (out_dir / "latest.json").is_file()
-    if has_checkpoint and not resume:
-        raise FileExistsError(f"{str(out_dir)!r} already holds a training run; pass --resume (resume=True) to "
-                              f"continue it, or choose another output folder")
+    run = open_run(config.out_dir, resume, config.device, config.progress, config.batch_size)
+    device, rank, world, out_dir = run.device, run.rank, run.world, run.out_dir
     torch.manual_seed(config.seed)
-    builtin_data = dataset is None and config.data in ("digits", "patches")  # these have a test split
+    builtin_data = dataset is None and config.data in DATASETS  # these have a test split
     data_name = config.data if dataset is None else f"a {type(dataset).__name__} of {len(dataset)} images"
     if dataset is None:
         dataset = load_dataset(config.data, "train", config.image_size, seed=config.seed)
@@ -329,6 +218,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
         raise ValueError("the training dataset is empty")
     first = stack_batch(dataset, [0])[0]
     tokenizer = build_tokenizer_for(config, dataset_channels(dataset), int(first.shape[-1])).to(device)
+    _check_savable(tokenizer)
     params = [p for p in tokenizer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     gan = config.gan
@@ -343,12 +233,11 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
             raise ValueError(f"{tokenizer.registry_name}: no decoder last layer to compute the adaptive GAN weight "
                              f"from; set gan.adaptive_weight=false")
     start = 0
-    if has_checkpoint:
-        ckpt = resolve_checkpoint(out_dir)
-        from safetensors.torch import load_file
-
-        load_weights(tokenizer, load_file(str(ckpt / "model.safetensors"), device=str(device)), str(ckpt))
-        state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True)
+    if run.resume_from is not None:
+        ckpt = run.resume_from
+        read_checkpoint_config(ckpt)  # a generator's run folder is refused here, before any weight is loaded
+        load_weights(tokenizer, load_tensors(ckpt, device), str(ckpt))
+        state = load_train_state(ckpt, device)
         opt.load_state_dict(state["optimizer"])
         if disc is not None:
             if state.get("disc") is None:
@@ -356,42 +245,32 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
             disc.load_state_dict(state["disc"])
             disc_opt.load_state_dict(state["disc_optimizer"])
         start = int(state["step"])
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
-    loss_module: nn.Module = _LossModule(tokenizer, config.recon_loss)
-    disc_module = disc
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    loss_module = wrap_ddp(_LossModule(tokenizer, config.recon_loss), device, world, _has_frozen_or_unused(tokenizer))
+    disc_module = wrap_ddp(disc, device, world) if disc is not None else None
 
-        ids = [device.index] if device.type == "cuda" else None
-        loss_module = DDP(loss_module, device_ids=ids, find_unused_parameters=_has_frozen_or_unused(tokenizer))
-        if disc is not None:
-            disc_module = DDP(disc, device_ids=ids)
-
-    def train_state(step: int) -> dict[str, Any]:
-        return {"step": step, "optimizer": opt.state_dict(), "disc": disc.state_dict() if disc else None,
-                "disc_optimizer": disc_opt.state_dict() if disc_opt else None}
-
-    log = _Logger(out_dir, tokenizer.vocab_size, rank == 0)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[quantkit] training {config.model} + {config.quantizer} on {data_name}: token shape "
-              f"{tokenizer.token_shape}, vocab {tokenizer.vocab_size}, {sum(p.numel() for p in params):,} trainable "
-              f"parameters, {world} process(es); {gan.describe()}", file=sys.stderr)
-    bar = None
-    if rank == 0 and config.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=start, desc="train-tokenizer", dynamic_ncols=True)
+    log = _Logger(run.metrics, tokenizer.vocab_size)
+    run.prepare(start)
+    if run.is_main:
+        say(f"training {config.model} + {config.quantizer} on {data_name}: token shape {tokenizer.token_shape}, "
+            f"vocab {tokenizer.vocab_size}, {sum(p.numel() for p in params):,} trainable parameters, {world} "
+            f"process(es); {gan.describe()}")
+    bar = run.progress(config.steps, start, "train-tokenizer")
     step = start
+
+    def save() -> Path | None:
+        state = {"step": step, "optimizer": opt.state_dict(), "disc": disc.state_dict() if disc else None,
+                 "disc_optimizer": disc_opt.state_dict() if disc_opt else None}
+        return save_checkpoint(out_dir, step, tokenizer, config, state, log.last, config.keep_checkpoints) \
+            if run.is_main else None
+
     tokenizer.train()
-    try:
+    with run.checkpoint_on_interrupt(save):
         while step < config.steps:
-            g = torch.Generator().manual_seed(_step_seed(config.seed, step))
-            idx = torch.randint(len(dataset), (config.batch_size,), generator=g)[rank::world]
-            torch.manual_seed(_step_seed(config.seed, step) + 1)  # quantizer / dropout randomness of this step
+            idx = step_indices(config.seed, step, len(dataset), config.batch_size, rank, world)
+            torch.manual_seed(step_seed(config.seed, step) + 1)  # quantizer / dropout randomness of this step
             images01, _ = stack_batch(dataset, idx.tolist())
             images = tokenizer.from_unit(images01.to(device))
-            lr = _lr_at(config, step)
+            lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             terms, out = loss_module(images)
@@ -426,25 +305,12 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
             step += 1
             metrics = log.update(step, loss, terms, out, tokenizer, images, lr, force=step == config.steps,
                                  every=config.log_every)
-            if bar is not None:
-                bar.update(1)
-                if metrics:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", psnr=f"{metrics['psnr']:.2f}",
-                                    usage=f"{metrics['usage']:.1%}")
+            bar.update(1, **({"loss": metrics["loss"], "psnr": metrics["psnr"], "usage": metrics["usage"]}
+                             if metrics else {}))
             if callback is not None and rank == 0:
                 callback(step, metrics or {})
-            if rank == 0 and (step % config.checkpoint_every == 0 or step == config.steps):
-                save_checkpoint(out_dir, step, tokenizer, config, train_state(step), log.last, config.keep_checkpoints)
-    except KeyboardInterrupt:
-        if rank == 0:
-            path = save_checkpoint(out_dir, step, tokenizer, config, train_state(step), log.last,
-                                   config.keep_checkpoints)
-            print(f"\n[quantkit] interrupted at step {step}; checkpoint saved to {path}; continue with --resume",
-                  file=sys.stderr)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save()
     final_metrics = dict(log.last)
     ckpt = resolve_checkpoint(out_dir) if rank == 0 else out_dir
     if rank == 0 and config.eval_images > 0 and builtin_data:
@@ -454,12 +320,10 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
         report = evaluate_tokenizer(tokenizer.eval(), test, max_images=config.eval_images, batch_size=64,
                                     measure_speed=False)
         final_metrics.update({f"test_{k}": v for k, v in report.items() if isinstance(v, (int, float))})
-        config_path = ckpt / "config.json"
-        saved = json.loads(config_path.read_text())
+        saved = read_checkpoint_config(ckpt, as_recorded=True)
         saved["metrics"] = final_metrics
-        _atomic_write_text(config_path, json.dumps(saved, indent=2))
-    if world > 1:
-        dist.barrier()
+        rewrite_config(ckpt, saved)
+    run.barrier()
     return TrainResult(checkpoint=ckpt, metrics=final_metrics, out_dir=out_dir)
 
 
@@ -471,8 +335,8 @@ def _has_frozen_or_unused(tokenizer: Tokenizer) -> bool:
 class _Logger:
     """Averages loss terms, PSNR and codebook usage over each window of ``every`` steps (rank 0 writes)."""
 
-    def __init__(self, out_dir: Path, vocab: int, active: bool):
-        self.path, self.active, self.vocab = out_dir / "metrics.jsonl", active, vocab
+    def __init__(self, log: MetricsLog, vocab: int):
+        self.log, self.vocab = log, vocab
         self.last: dict[str, float] = {}
         self._reset()
 
@@ -499,26 +363,9 @@ class _Logger:
                    "usage": float((self.counts > 0).double().mean()),
                    "perplexity": float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()))}
         self.last = metrics
-        if self.active:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        self.log.append(metrics)
         self._reset()
         return metrics
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops log lines after ``step`` (written after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    _atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The logged metrics of a run folder (one dict per logged step)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
