@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..data import dataset_channels, load_dataset, stack_batch
-from ..tokenizers.train import RunConfig, _atomic_write_text, _lr_at, _step_seed
+from ..training import RunConfig, atomic_write_text, load_weights, lr_at, step_seed
 from .encoder import FeatureEncoder
 from .mae import MAE, MAEConfig
 
@@ -124,10 +124,10 @@ def train_mae(config: MAETrainConfig | dict[str, Any], dataset=None) -> MAETrain
     metrics_path.unlink(missing_ok=True)
     try:
         for step in range(config.steps):
-            g = torch.Generator().manual_seed(_step_seed(config.seed, step))
+            g = torch.Generator().manual_seed(step_seed(config.seed, step))
             idx = torch.randint(len(dataset), (config.batch_size,), generator=g)
             images = stack_batch(dataset, idx.tolist())[0].to(device)
-            lr = _lr_at(config, step)
+            lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = model(images, generator=g).loss  # the masks come from the same per-step generator
@@ -164,15 +164,13 @@ def save_mae(out_dir: str | os.PathLike, model: MAE, config: MAETrainConfig | No
     os.replace(tmp, out_dir / "model.safetensors")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": "mae", "mae_config": model.config.to_dict(),
             "train_config": config.to_dict() if config is not None else None, "losses": losses or []}
-    _atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2))
+    atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2))
     return out_dir
 
 
 def load_mae(path: str | os.PathLike, map_location: str = "cpu") -> MAE:
     """The MAE of a features run folder, in eval mode."""
     from safetensors.torch import load_file
-
-    from ..tokenizers.train import load_weights
 
     path = Path(path)
     meta_path = path / "config.json"
