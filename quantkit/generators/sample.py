@@ -68,33 +68,51 @@ def sample(generator_path: str | os.PathLike, labels, count: int = 8, steps: int
 
 
 def _parse_labels(text: str) -> list[int]:
+    from ..cli import CommandError
+
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"quantkit sample: error: --labels must be comma-separated class numbers, got {text!r}")
+        raise CommandError(f"--labels: expected comma-separated class numbers, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+
     parser.add_argument("--generator", required=True, help="run folder or checkpoint of a trained generator")
     parser.add_argument("--labels", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated classes (one grid row each)")
-    parser.add_argument("--count", type=int, default=8, help="samples per label")
-    parser.add_argument("--steps", type=int, help="decoding steps (MaskGIT; others take their fixed number); "
-                                                   "unset flags use the run's recorded sampling settings")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (0 = conditional)")
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", help="decode with this tokenizer instead of the one the generator names")
+    parser.add_argument("--count", type=positive_int, default=8, help="samples per label")
+    parser.add_argument("--steps", type=positive_int, help="decoding steps (MaskGIT; others take their fixed "
+                                                            "number); unset flags use the run's recorded sampling "
+                                                            "settings")
+    parser.add_argument("--guidance", type=nonnegative_float, help="classifier-free guidance scale (0 = conditional)")
+    parser.add_argument("--temperature", type=positive_float)
+    parser.add_argument("--top-k", type=positive_int)
+    parser.add_argument("--top-p", type=unit_interval)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--tokenizer", help="decode with this tokenizer instead of the one the generator carries")
     parser.add_argument("--out", default="samples", help="folder for samples.png and tokens.pt")
     parser.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        result = sample(args.generator, _parse_labels(args.labels), args.count, args.steps, args.guidance,
-                        args.temperature, args.top_k, args.top_p, args.seed, args.out, args.tokenizer, args.device)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"quantkit sample: error: {err}")
+    from ..cli import argument
+
+    labels = _parse_labels(args.labels)
+    with argument("--generator"):
+        model, meta = load_generator(args.generator)
+    with argument("--labels"):
+        model.check_labels(labels)
+    if args.tokenizer:
+        from ..tokenizers import load_tokenizer
+
+        with argument("--tokenizer"):
+            check_tokenizer_matches(model, load_tokenizer(args.tokenizer), f"tokenizer {args.tokenizer!r}")
+    else:
+        with argument("--generator"):  # the tokenizer copy the run carries
+            generator_tokenizer_path(args.generator, meta)
+    del model
+    result = sample(args.generator, labels, args.count, args.steps, args.guidance, args.temperature, args.top_k,
+                    args.top_p, args.seed, args.out, args.tokenizer, args.device)
     print(json.dumps({"grid": str(result.grid_path), "tokens": str(result.ids_path),
                       "images": int(result.images.shape[0])}, indent=2))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..training import (RunConfig, copy_checkpoint, load_tensors, load_train_state, load_weights, lr_at, open_run,
-                        read_config, read_metrics, resolve_recorded, say, step_indices, step_seed, wrap_ddp,
+                        read_config, read_metrics, recorded_train_config, resolve_recorded, say, step_indices, step_seed, wrap_ddp,
                         write_checkpoint)
 from ..training import resolve_checkpoint as _resolve_checkpoint
 from ._base import TokenGenerator
@@ -255,7 +255,11 @@ def generator_tokenizer_path(path: str | os.PathLike, meta: dict[str, Any]) -> P
     directory, which is tried second)."""
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    return resolve_recorded(meta["tokenizer"], run_dir)
+    found = resolve_recorded(meta["tokenizer"], run_dir)
+    if not found.exists():
+        raise FileNotFoundError(f"the tokenizer that {str(path)!r} was trained on ({meta['tokenizer']!r}) is not "
+                                f"in its run folder {str(run_dir)!r}; give one with --tokenizer")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,40 +394,50 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import json_object, nonnegative_float, nonnegative_int, positive_float, positive_int
+
     parser.add_argument("--config", help="JSON file with GeneratorTrainConfig fields (flags below override it)")
     parser.add_argument("--generator", help="maskgit, var, rq_transformer or pixelcnn (default maskgit)")
-    parser.add_argument("--tokenizer", help="run folder of a trained quantkit tokenizer")
-    parser.add_argument("--model-config", type=json.loads, help='JSON overrides, e.g. \'{"dim": 128, "depth": 4}\'')
+    parser.add_argument("--tokenizer", help="run folder of a trained quantkit tokenizer (with --resume: default "
+                                            "the copy the run carries)")
+    parser.add_argument("--model-config", type=json_object, help='JSON overrides, e.g. \'{"dim": 128, "depth": 4}\'')
     parser.add_argument("--data", help="dataset to tokenize (default digits)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay (0: off)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
+    parser.add_argument("--lr", type=positive_float)
+    parser.add_argument("--ema-decay", type=nonnegative_float, help="keep an EMA of the weights with this decay "
+                                                                    "(0: off)")
+    parser.add_argument("--seed", type=nonnegative_int)
     parser.add_argument("--out", dest="out_dir", help="output folder (default runs/generator)")
-    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--checkpoint-every", type=positive_int)
     parser.add_argument("--device", help="cpu (default) or cuda")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest good "
+                                                              "checkpoint (its recorded config is the default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output (also QUANTKIT_PROGRESS=0)")
 
 
 def run(args: argparse.Namespace) -> None:
-    d: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            d = json.load(f)
+    from ..cli import CommandError, argument, read_json_file
+    from ..tokenizers.train import read_checkpoint_config
+
+    d: dict[str, Any] = read_json_file(args.config) if args.config else {}
+    if args.resume:  # the run's own recorded config (its tokenizer copy included), under the file and the flags
+        out = args.out_dir or d.get("out_dir") or GeneratorTrainConfig.out_dir
+        d = {**recorded_train_config(out, GeneratorTrainConfig), **d}
     for name in ("generator", "tokenizer", "model_config", "data", "steps", "batch_size", "lr", "ema_decay", "seed",
                  "out_dir", "checkpoint_every", "device"):
         if getattr(args, name) is not None:
             d[name] = getattr(args, name)
     if args.no_progress:
         d["progress"] = False
+    if d.get("tokenizer"):
+        with argument("--tokenizer"):
+            read_checkpoint_config(d["tokenizer"])  # missing, corrupt or not a tokenizer: say so before any work
     try:
-        result = train_generator(GeneratorTrainConfig.from_dict(d), resume=args.resume)
-    except KeyboardInterrupt:
-        raise SystemExit(130)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise SystemExit(f"quantkit train-generator: error: {err}")
+        config = GeneratorTrainConfig.from_dict(d)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"{'--config ' + repr(args.config) + ': ' if args.config else ''}{err}") from None
+    result = train_generator(config, resume=args.resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({"checkpoint": str(result.checkpoint), "loss": result.metrics.get("loss"),
                           "seconds": round(result.seconds, 1)}, indent=2))

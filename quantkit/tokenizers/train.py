@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..data import DATASETS, dataset_channels, load_dataset, stack_batch
 from ..training import (MetricsLog, RunConfig, atomic_write_text, load_tensors, load_train_state, load_weights,
-                        lr_at, open_run, read_config, rewrite_config, say, setup_distributed,
+                        lr_at, open_run, read_config, recorded_train_config, rewrite_config, say, setup_distributed,
                         step_indices, step_seed, wrap_ddp, write_checkpoint)
 from ..training import read_metrics  # noqa: F401  (re-exported: quantkit.tokenizers.train.read_metrics)
 from ..training import resolve_checkpoint as _resolve_checkpoint
@@ -373,36 +373,40 @@ class _Logger:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import json_object, nonnegative_int, positive_float, positive_int
+
     parser.add_argument("--config", help="JSON file with TrainConfig fields (flags given below override it)")
     parser.add_argument("--model", help="tokenizer: vqvae, vqgan, titok (default vqgan)")
     parser.add_argument("--quantizer", help="registered quantizer name (default fsq)")
-    parser.add_argument("--quantizer-kwargs", type=json.loads, help='JSON, e.g. \'{"codebook_size": 1024}\'')
-    parser.add_argument("--model-config", type=json.loads, help='JSON overrides of the tokenizer config, e.g. '
-                                                                '\'{"embed_dim": 4}\'')
+    parser.add_argument("--quantizer-kwargs", type=json_object, help='JSON, e.g. \'{"codebook_size": 1024}\'')
+    parser.add_argument("--model-config", type=json_object, help='JSON overrides of the tokenizer config, e.g. '
+                                                                 '\'{"embed_dim": 4}\'')
     parser.add_argument("--data", help="digits, patches, or an image folder (default digits)")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--image-size", type=positive_int)
+    parser.add_argument("--steps", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
+    parser.add_argument("--lr", type=positive_float)
+    parser.add_argument("--seed", type=nonnegative_int)
     parser.add_argument("--out", dest="out_dir", help="output folder (default runs/tokenizer)")
-    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--checkpoint-every", type=positive_int)
     parser.add_argument("--gan", action="store_true", help="train with the PatchGAN discriminator (VQGAN)")
-    parser.add_argument("--disc-start", type=int, help="first step with the GAN loss on")
+    parser.add_argument("--disc-start", type=nonnegative_int, help="first step with the GAN loss on")
     parser.add_argument("--perceptual-weights", help="local TorchScript feature network for the perceptual loss "
                                                      "(off without it)")
     parser.add_argument("--proxy-tokenizer", help="trained quantkit VQGAN for TiTok's proxy-code (two-stage) head")
     parser.add_argument("--init-from", help="tokenizer checkpoint whose weights start this run")
     parser.add_argument("--device", help="cpu (default) or cuda")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest good "
+                                                              "checkpoint (its recorded config is the default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output (also QUANTKIT_PROGRESS=0)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    d: dict[str, Any] = {}
-    if args.config:
-        with open(args.config) as f:
-            d = json.load(f)
+    from ..cli import CommandError, argument, read_json_file
+
+    d: dict[str, Any] = read_json_file(args.config) if args.config else {}
+    if args.resume:  # the run's own recorded config, under the file and the flags
+        d = {**recorded_train_config(args.out_dir or d.get("out_dir") or TrainConfig.out_dir, TrainConfig), **d}
     for name in ("model", "quantizer", "quantizer_kwargs", "model_config", "data", "image_size", "steps",
                  "batch_size", "lr", "seed", "out_dir", "checkpoint_every", "proxy_tokenizer", "init_from", "device"):
         value = getattr(args, name)
@@ -418,20 +422,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     d["gan"] = gan
     if args.no_progress:
         d["progress"] = False
-    return TrainConfig.from_dict(d)
+    try:
+        config = TrainConfig.from_dict(d)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"{'--config ' + repr(args.config) + ': ' if args.config else ''}{err}") from None
+    for flag, value in (("--proxy-tokenizer", config.proxy_tokenizer), ("--init-from", config.init_from)):
+        if value:
+            with argument(flag):
+                read_checkpoint_config(value)
+    return config
 
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    try:
-        result = train_tokenizer(config, resume=args.resume)
-    except KeyboardInterrupt:
-        raise SystemExit(130)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise SystemExit(f"quantkit train-tokenizer: error: {err}")
+    result = train_tokenizer(config, resume=args.resume)
     if not dist.is_initialized() or dist.get_rank() == 0:
         shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
         print(json.dumps({"checkpoint": str(result.checkpoint), "metrics": shown}, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()
-

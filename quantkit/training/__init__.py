@@ -43,11 +43,12 @@ from .checkpoints import (CheckpointError, atomic_write_text, checkpoint_problem
                           read_config, resolve_checkpoint, rewrite_config, verify_checkpoint, write_checkpoint)
 from .config import RunConfig, lr_at, relative_to_run, resolve_recorded, step_indices, step_seed
 from .progress import Progress, progress_enabled
-from .run import MetricsLog, TrainingRun, open_run, read_metrics, say, setup_distributed, wrap_ddp
+from .run import (MetricsLog, TrainingRun, open_run, read_metrics, recorded_train_config, say, setup_distributed,
+                  wrap_ddp)
 
 __all__ = ["CheckpointError", "MetricsLog", "Progress", "RunConfig", "TrainingRun", "atomic_write_text",
            "checkpoint_problem", "copy_checkpoint", "is_run_folder", "list_checkpoints", "load_tensors",
            "load_train_state", "load_weights", "lr_at", "newest_good_checkpoint", "open_run", "progress_enabled",
-           "read_config", "read_metrics", "relative_to_run", "resolve_checkpoint", "resolve_recorded",
+           "read_config", "read_metrics", "recorded_train_config", "relative_to_run", "resolve_checkpoint", "resolve_recorded",
            "rewrite_config", "say", "setup_distributed", "step_indices", "step_seed", "verify_checkpoint",
            "wrap_ddp", "write_checkpoint"]

@@ -167,6 +167,24 @@ class TrainingRun:
             dist.barrier()
 
 
+def recorded_train_config(out_dir: str | os.PathLike, config_class) -> dict[str, Any]:
+    """The training config that the run in ``out_dir`` recorded in its newest good checkpoint, with its paths made
+    usable from the working directory and without ``out_dir`` ({} when there is no such checkpoint). A resumed
+    command starts from it, so ``--resume`` needs no flag but ``--out``."""
+    ckpt = newest_good_checkpoint(out_dir)
+    if ckpt is None:
+        return {}
+    try:
+        recorded = json.loads((ckpt / "config.json").read_text()).get("train_config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    d = config_class.resolve_recorded_paths(recorded, out_dir)
+    d.pop("out_dir", None)
+    return d
+
+
 def open_run(out_dir: str | os.PathLike, resume: bool, device: str = "cpu", progress: bool = True,
              batch_size: int | None = None) -> TrainingRun:
     """Joins the process group if there is one and checks the run folder, writing nothing yet.
