@@ -155,8 +155,8 @@ def test_residual_lfq_matches_peer_in_eval():
 
 
 def test_residual_fsq_has_the_peers_shapes_and_decodes_exactly():
-    """ResidualFSQ is API-compatible (its levels are quantkit's FSQ, not the peer's symmetric grid): same shapes and
-    dtypes as the peer, including channel-first indices (B, Q, *spatial), and an exact eval round trip. (The peer's
+    """ResidualFSQ channel-first: same shapes and dtypes as the peer, including channel-first indices
+    (B, Q, *spatial), and an exact eval round trip (the numbers are tested in test_compat_vqpytorch_options.py). (The peer's
     return_all_codes raises with is_channel_first; the adapter's returns (Q, B, *spatial, len(levels)).)"""
     x = torch.randn(2, 16, 5, 6)
     p, a = _pair("ResidualFSQ", levels=[8, 5, 5, 3], num_quantizers=4, dim=16, is_channel_first=True)
@@ -191,7 +191,7 @@ def test_forward_keywords_are_the_peers(name):
 @pytest.mark.parametrize("name,keyword,value", [
     ("VectorQuantize", "orthogonal_reg_weight", 10.0), ("VectorQuantize", "straight_through", True),
     ("VectorQuantize", "in_place_codebook_optimizer", torch.optim.SGD), ("ResidualVQ", "beam_size", 4),
-    ("ResidualVQ", "implicit_neural_codebook", True), ("FSQ", "preserve_symmetry", True),
+    ("ResidualVQ", "implicit_neural_codebook", True), ("FSQ", "noise_dropout", 0.1),
     ("LFQ", "spherical", True), ("ResidualLFQ", "soft_clamp_input_value", 1.0),
 ])
 def test_unsupported_keyword_raises_naming_it(name, keyword, value):

@@ -287,6 +287,10 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
                       quantize_dropout=0.5), ()),
     ("residual", dict(dim=8, quantizer="lfq", codebook_size=16, levels=None, layer_scale=0.5), ()),
     ("residual", dict(commitment_weight=0.5), ()),
+    ("fsq", dict(grid="symmetric", bound="clamp"), ()),
+    ("fsq", dict(grid="symmetric", levels=(2, 3, 4)), ()),
+    ("residual", dict(grid="symmetric", bound="clamp", layer_scale=(0.2, 0.25, 1 / 3), input_clamp=(1.25, 4 / 3, 1.5)),
+     ()),
 ]
 
 #: (variant id, check) -> reason: a violation not fixed yet; the variant test skips the check and

@@ -15,7 +15,7 @@ sum, mean_d ||x - sg(q_0 + ... + q_d)||^2, which does reach the encoder.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,29 @@ from .base import Quantizer
 from .gradients import straight_through
 
 __all__ = ["ResidualQuantizer"]
+
+
+def _per_channel(name: str, value, dim: int) -> float | tuple[float, ...] | None:
+    """None, a positive number, or ``dim`` positive numbers (validated)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < value < float("inf"):
+            raise ValueError(f"ResidualQuantizer: {name} must be positive, got {value!r}")
+        return float(value)
+    values = tuple(float(v) for v in value)
+    if len(values) != dim or not all(0 < v < float("inf") for v in values):
+        raise ValueError(f"ResidualQuantizer: {name} must be a positive number or {dim} positive numbers (one per "
+                         f"channel), got {value!r}")
+    return values
+
+
+def _div(x: Tensor, s: float | Tensor) -> Tensor:
+    return x if isinstance(s, float) and s == 1.0 else x / s
+
+
+def _mul(x: Tensor, s: float | Tensor) -> Tensor:
+    return x if isinstance(s, float) and s == 1.0 else x * s
 
 
 @register_quantizer("residual", example=dict(dim=3, quantizer="fsq", depth=3, levels=(5, 4, 3), layer_scale=0.25))
@@ -42,7 +65,10 @@ class ResidualQuantizer(Quantizer):
             ``[min_depth, depth]`` levels (SoundStream); skipped levels contribute zero and get index -1.
         min_depth: smallest prefix kept by quantize-dropout.
         layer_scale: when set, depth d quantizes r_d / s^d and returns s^d * q (e.g. 0.5 for residual LFQ, whose
-            codes are +-1, or 1 / (L - 1) for residual FSQ), so every level sees a residual of unit scale.
+            codes are +-1, or 1 / (L - 1) for residual FSQ), so every level sees a residual of unit scale. A sequence
+            of ``dim`` numbers scales each channel separately (residual FSQ with per-channel levels L_i: 1 / L_i).
+        input_clamp: when set, x is soft-clamped to +-c before depth 0, c * tanh(x / c) (a number, or one per
+            channel), so the first level's bounded range covers it (residual FSQ: c = 1 + 1 / (L - 1)).
         commitment_weight: weight of RQ-VAE's partial-sum commitment (0 disables).
         seed: seeds a private generator for quantize-dropout (default: the global torch RNG).
         channel_first: x is (B, dim, *spatial).
@@ -50,9 +76,9 @@ class ResidualQuantizer(Quantizer):
     """
 
     def __init__(self, dim: int, quantizer: str = "vq", depth: int = 4, shared_codebook: bool = False,
-                 quantize_dropout: float = 0.0, min_depth: int = 1, layer_scale: float | None = None,
+                 quantize_dropout: float = 0.0, min_depth: int = 1, layer_scale: float | Sequence[float] | None = None,
                  commitment_weight: float = 0.0, seed: int | None = None, channel_first: bool = False,
-                 **quantizer_kwargs: Any):
+                 input_clamp: float | Sequence[float] | None = None, **quantizer_kwargs: Any):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"ResidualQuantizer: depth must be an int >= 1, got {depth!r}")
         if not 0.0 <= quantize_dropout <= 1.0:
@@ -60,8 +86,8 @@ class ResidualQuantizer(Quantizer):
                              f"got {quantize_dropout!r}")
         if isinstance(min_depth, bool) or not isinstance(min_depth, int) or not 1 <= min_depth <= depth:
             raise ValueError(f"ResidualQuantizer: min_depth must be an int in [1, depth={depth}], got {min_depth!r}")
-        if layer_scale is not None and not 0 < layer_scale:
-            raise ValueError(f"ResidualQuantizer: layer_scale must be positive, got {layer_scale!r}")
+        layer_scale = _per_channel("layer_scale", layer_scale, dim)
+        input_clamp = _per_channel("input_clamp", input_clamp, dim)
         if "channel_first" in quantizer_kwargs:
             raise ValueError("ResidualQuantizer: pass channel_first to the ResidualQuantizer, not to the inner "
                              "quantizer (it always sees rows)")
@@ -81,6 +107,9 @@ class ResidualQuantizer(Quantizer):
         self.quantize_dropout = float(quantize_dropout)
         self.min_depth = min_depth
         self.layer_scale = layer_scale
+        self.input_clamp = input_clamp
+        if input_clamp is not None:
+            self.identity_gradient = False
         self.commitment_weight = float(commitment_weight)
         self._generator: torch.Generator | None = None
         self._seed = seed
@@ -96,8 +125,22 @@ class ResidualQuantizer(Quantizer):
         """The inner quantizer of depth d."""
         return self.layers[0 if self.shared_codebook else d]
 
-    def _scale(self, d: int) -> float:
-        return 1.0 if self.layer_scale is None else self.layer_scale ** d
+    def depth_scale(self, d: int, like: Tensor | None = None) -> float | Tensor:
+        """s^d: a float, or (dim,) in like's dtype for per-channel scales (computed in float64, then rounded)."""
+        s = self.layer_scale
+        if s is None:
+            return 1.0
+        if isinstance(s, float):
+            return s ** d
+        return torch.tensor([v ** d for v in s], dtype=torch.float64).to(
+            device=like.device if like is not None else None, dtype=like.dtype if like is not None else torch.float32)
+
+    def _clamp_input(self, z: Tensor) -> Tensor:
+        c = self.input_clamp
+        if c is None:
+            return z
+        c = c if isinstance(c, float) else torch.tensor(c, dtype=z.dtype, device=z.device)
+        return torch.tanh(z / c) * c
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -119,16 +162,16 @@ class ResidualQuantizer(Quantizer):
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         kept = self._kept_depths(z.shape[0], mask, z.device)
-        residual = z  # (N, dim); only depth 0 keeps the graph to z
+        residual = self._clamp_input(z)  # (N, dim); only depth 0 keeps the graph to z
         total_hard = torch.zeros_like(z)  # sum of the kept levels' values
         total = torch.zeros_like(z)  # the same values, carrying each level's gradient paths
         indices, loss, commit = [], z.new_zeros(()), z.new_zeros(())
         for d in range(self.depth):
             active = None if kept is None else kept > d  # (N,)
             layer_mask = active if mask is None else (mask if active is None else mask & active)
-            s = self._scale(d)
-            q, idx, layer_loss = self.layer(d)._quantize(residual / s if s != 1.0 else residual, layer_mask)
-            q = q * s if s != 1.0 else q
+            s = self.depth_scale(d, z)
+            q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask)
+            q = _mul(q, s)
             if active is not None:
                 q = torch.where(active[:, None], q, 0.0)
                 idx = torch.where(active, idx, -1)
@@ -147,13 +190,13 @@ class ResidualQuantizer(Quantizer):
         return total, torch.stack(indices, dim=-1), loss  # (N, dim), (N, depth), ()
 
     def _encode(self, z: Tensor) -> Tensor:
-        residual, indices = z, []
+        residual, indices = self._clamp_input(z), []
         for d in range(self.depth):
-            s = self._scale(d)
+            s = self.depth_scale(d, z)
             layer = self.layer(d)
-            idx = layer._encode(residual / s if s != 1.0 else residual)
+            idx = layer._encode(_div(residual, s))
             q = layer._decode(idx).to(z.dtype)
-            residual = residual - (q * s if s != 1.0 else q)
+            residual = residual - _mul(q, s)
             indices.append(idx)
         return torch.stack(indices, dim=-1)  # (N, depth)
 
@@ -162,9 +205,8 @@ class ResidualQuantizer(Quantizer):
         out = None
         for d in range(indices.shape[1]):
             idx = indices[:, d]
-            s = self._scale(d)
             q = self.layer(d)._decode(idx.clamp_min(0))
-            q = q * s if s != 1.0 else q
+            q = _mul(q, self.depth_scale(d, q))
             q = torch.where((idx >= 0)[:, None], q, 0.0)
             out = q if out is None else out + q
         return out

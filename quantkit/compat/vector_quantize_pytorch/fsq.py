@@ -37,9 +37,12 @@ FSQ_OPTIONS: dict[str, Option] = {
     "return_indices": Option(True, "`False` returns `None` for indices (no implicit codebook is ever built)"),
     "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
                                      "quantkit always rounds in float32"),
-    "preserve_symmetry": Option(False, _NS, only_default(False), "quantkit's FSQ has the paper's grid only"),
-    "noise_dropout": Option(0.0, _NS, only_default(0.0), "no noise dropout in quantkit's FSQ"),
-    "bound_hard_clamp": Option(False, _NS, only_default(False), "quantkit's FSQ bounds with tanh"),
+    "preserve_symmetry": Option(False, "`FSQ(grid='symmetric')` (arXiv:2411.19842 sec. 3.2)"),
+    "noise_dropout": Option(0.0, _NS, only_default(0.0),
+                            "the peer adds U(-1/2, 1/2) in code units (a quarter of the code range) to the rounded "
+                            "code; quantkit's `FSQ(noise_dropout=p)` is the different, documented method of replacing "
+                            "the rounding by one grid step of noise (Balle et al. 2017), so it is not this keyword"),
+    "bound_hard_clamp": Option(False, "`FSQ(bound='clamp')`"),
     "orthogonal_rotation": Option(False, _NS, only_default(False), "no code rotation in quantkit's FSQ"),
 }
 
@@ -54,7 +57,8 @@ class FSQ(nn.Module):
         super().__init__()
         o = parse_options("FSQ", FSQ_OPTIONS, kwargs)
         self.levels = list(levels)
-        self.core = _FSQ(self.levels)  # (..., len(levels)) rows, no projection
+        self.core = _FSQ(self.levels, grid="symmetric" if o["preserve_symmetry"] else "paper",
+                         bound="clamp" if o["bound_hard_clamp"] else "tanh")  # (..., len(levels)) rows, no projection
         self.codebook_dim, self.num_codebooks = len(self.levels), o["num_codebooks"]
         self.effective_codebook_dim = self.codebook_dim * self.num_codebooks
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
@@ -117,10 +121,14 @@ _RFSQ_OWN: dict[str, Option] = {
                                       "batch)"),
     "quantize_dropout_cutoff_index": Option(0, "`ResidualQuantizer(min_depth=cutoff + 1)`"),
     "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
-    "soft_clamp_input_value": Option(None, _NS, only_default(None), "quantkit's FSQ bounds every level with tanh"),
-    "bound_hard_clamp": Option(True, "quantkit's FSQ tanh bound at every level, with layer scale "
-                                     "1 / (min(levels) - 1); API-compatible, not numerically the peer's "
-                                     "(its levels use the symmetric grid and per-channel scales)"),
+    "soft_clamp_input_value": Option(None, "`ResidualQuantizer(input_clamp=...)` (only without bound_hard_clamp, "
+                                           "as in the peer)",
+                                     lambda v, vals: v is None or not vals["bound_hard_clamp"],
+                                     "the peer allows it only with bound_hard_clamp=False"),
+    "bound_hard_clamp": Option(True, "every level is `FSQ(grid='symmetric', bound='clamp')` and the input is "
+                                     "soft-clamped to 1 + 1 / (L - 1) (`ResidualQuantizer(input_clamp=...)`); "
+                                     "`False`: tanh bound (`FSQ(bound='tanh')`). Level d is scaled by L^-d per "
+                                     "channel (`ResidualQuantizer(layer_scale=[1 / L_i])`), the peer's numbers"),
 }
 #: ResidualFSQ's own keywords, then the FSQ keywords it forwards to every level.
 RFSQ_OPTIONS: dict[str, Option] = {
@@ -150,8 +158,16 @@ class ResidualFSQ(nn.Module):
         self.project_in = ThinLinear(self.dim, self.codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = ThinLinear(self.codebook_dim, self.dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
+        levels_t = torch.tensor(self.levels)
+        if o["bound_hard_clamp"]:  # the peer's float32 values, exactly
+            clamp = (1 + 1 / (levels_t - 1)).tolist()
+        else:
+            c = o["soft_clamp_input_value"]
+            clamp = c.tolist() if isinstance(c, Tensor) else c
+            clamp = [float(clamp)] * self.codebook_dim if isinstance(clamp, (int, float)) else clamp
         self.rq = ResidualQuantizer(self.codebook_dim, "fsq", depth=self.num_quantizers, levels=self.levels,
-                                    layer_scale=1.0 / (min(self.levels) - 1),
+                                    grid="symmetric", bound="clamp" if o["bound_hard_clamp"] else "tanh",
+                                    layer_scale=[1.0 / v for v in self.levels], input_clamp=clamp,
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         self.is_channel_first = o["is_channel_first"]
@@ -174,8 +190,7 @@ class ResidualFSQ(nn.Module):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Per-level scaled codes (Q, ..., len(levels)); -1 gives zeros."""
         indices = self._levels_last(indices)
-        scale = self.rq.layer_scale
-        codes = [decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]) * scale ** d
+        codes = [decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]) * self.rq.depth_scale(d)
                  if d < indices.shape[-1] else torch.zeros(*indices.shape[:-1], self.codebook_dim,
                                                            device=indices.device)
                  for d in range(self.num_quantizers)]
