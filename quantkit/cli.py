@@ -2,7 +2,7 @@
 
 Each command lives in the module that owns it and exposes ``add_arguments(parser)`` and ``run(args)``; this file
 lists them and owns what every command shares: bad input ends in one line naming the argument and what was
-expected (exit status 2), never a traceback unless ``--debug`` (or ``QUANTKIT_DEBUG=1``) asks for one; Ctrl-C is
+expected (exit status 1; 2 for what argparse rejects), never a traceback unless ``--debug`` (or ``QUANTKIT_DEBUG=1``) asks for one; Ctrl-C is
 exit status 130. The flag types below (``positive_int``, ``json_object``, ...) give argparse those one-line errors.
 """
 from __future__ import annotations
