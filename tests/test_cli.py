@@ -168,3 +168,22 @@ def test_sigkilled_runs_resume_to_the_uninterrupted_loss_curve_bitwise(tmp_path)
     assert "skipping checkpoint step_0000004" in resumed.stderr and "resuming from checkpoints/step_0000002" in \
         resumed.stderr
     assert _losses(run) == full
+
+
+def test_check_quantizer_names_the_failing_invariant_with_its_counterexample(tmp_path):
+    user = tmp_path / "my_quant.py"
+    user.write_text(textwrap.dedent("""
+        from quantkit.quantizers import VectorQuantizer
+        class Leaky(VectorQuantizer):
+            def forward(self, x, mask=None):
+                if not self.training:
+                    self.codebook.weight.data.add_(1e-3)  # eval moves the codebook: not pure
+                return super().forward(x, mask=mask)
+    """))
+    result = _cli("check-quantizer", f"{user}:Leaky", "--kwargs", '{"dim": 4, "codebook_size": 8}')
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "FAIL eval_purity: Leaky: eval changes no parameter or buffer: 'codebook.weight' changed" in result.stdout
+    assert "ok   output_contract" in result.stdout and "failing: eval_purity" in result.stdout
+    good = _cli("check-quantizer", "quantkit.quantizers:FSQ", "--kwargs", '{"levels": [3, 3]}')
+    assert good.returncode == 0 and "12 of 12 invariants hold" in good.stdout
+    _one_line_error(_cli("check-quantizer", "no_such_module:X"), "cannot import 'no_such_module'")
