@@ -23,6 +23,8 @@ COMMANDS = {
     "eval-tokenizer": ("quantkit.tokenizers.evaluate", "PSNR, SSIM, codebook use, throughput and a reconstruction grid"),
     "train-generator": ("quantkit.generators.train", "train MaskGIT / VAR / RQ-Transformer / PixelCNN on a tokenizer's IDs"),
     "sample": ("quantkit.generators.sample", "class labels, count, steps, guidance, seed -> PNG grid and token IDs"),
+    "bench": ("quantkit.bench_codebook", "your codebook: search speed vs faiss and torch, utilisation, perplexity, "
+                                         "dead codes, usage histogram"),
     "check-quantizer": ("quantkit.check_quantizer", "run the quantizer invariant suite on your own Quantizer class"),
 }
 

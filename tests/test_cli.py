@@ -187,3 +187,26 @@ def test_check_quantizer_names_the_failing_invariant_with_its_counterexample(tmp
     good = _cli("check-quantizer", "quantkit.quantizers:FSQ", "--kwargs", '{"levels": [3, 3]}')
     assert good.returncode == 0 and "12 of 12 invariants hold" in good.stdout
     _one_line_error(_cli("check-quantizer", "no_such_module:X"), "cannot import 'no_such_module'")
+
+
+def test_bench_reports_speed_usage_and_a_histogram_for_a_users_codebook_and_a_trained_run(runs, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((64, 8)).astype(np.float32)
+    codebook[:8] += 100.0  # eight codes far from every latent: dead
+    np.save(tmp_path / "codebook.npy", codebook)
+    np.save(tmp_path / "z.npy", rng.standard_normal((2000, 8)).astype(np.float32))
+    result = _cli("bench", str(tmp_path / "codebook.npy"), "--latents", str(tmp_path / "z.npy"), "--repeats", "1",
+                  "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["dead_codes"] >= 8 and sum(report["counts"]) == 2000
+    assert {r["method"] for r in report["search"]} >= {"quantkit nearest_codeword", "torch chunked matmul + argmin"}
+    assert all(r["agreement"] is None or r["agreement"] > 0.99 for r in report["search"])
+    assert (tmp_path / "out" / "usage.png").stat().st_size > 1000
+    run = _cli("bench", str(runs / "tok"), "--num-latents", "256", "--repeats", "1", "--out", str(tmp_path / "r"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "bench.json").read_text())["codebook"][0] == 9  # FSQ levels [3, 3]
+    _one_line_error(_cli("bench", str(tmp_path / "z.npy"), "--latents", str(tmp_path / "nope.npy")), "--latents",
+                    "does not exist")
