@@ -8,22 +8,7 @@ from quantkit.quantizers import FSQ, ResidualQuantizer
 
 peer = pytest.importorskip("vector_quantize_pytorch")
 
-
-def _pair(name: str, **kwargs):
-    """(peer module, adapter module holding the peer's weights), both in eval."""
-    p = getattr(peer, name)(**kwargs)
-    a = getattr(compat, name)(**kwargs).load_peer_state_dict(p.state_dict())
-    return p.eval(), a.eval()
-
-
-def _assert_same(peer_out, adapter_out, atol=0.0):
-    assert len(peer_out) == len(adapter_out)
-    for u, v in zip(peer_out, adapter_out):
-        assert u.shape == v.shape and u.dtype == v.dtype
-        if u.is_floating_point():
-            torch.testing.assert_close(v, u, atol=atol, rtol=0)
-        else:
-            assert torch.equal(u, v)
+from test_compat_vqpytorch import _assert_same, _pair  # noqa: E402  (the side-by-side helpers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,3 +80,23 @@ def test_residual_quantizer_per_channel_scale_and_input_clamp_validate():
         ResidualQuantizer(3, "fsq", depth=2, levels=(5, 4, 3), layer_scale=[0.2, 0.25])
     with pytest.raises(ValueError, match="input_clamp"):
         ResidualQuantizer(3, "fsq", depth=2, levels=(5, 4, 3), input_clamp=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LFQ: a per-sample mask on image feature maps (the peer raises "shape '[2, 32, 32]' is invalid")
+
+
+def test_lfq_per_sample_mask_on_feature_maps_equals_the_kept_samples():
+    torch.manual_seed(0)
+    lfq = compat.LFQ(codebook_size=16, dim=4).train()
+    x = torch.randn(3, 4, 8, 8)
+    mask = torch.tensor([True, False, True])
+    out = lfq(x, mask=mask)
+    assert out.quantized.shape == x.shape and out.indices.shape == (3, 8, 8)
+    kept = lfq(x[mask])
+    torch.testing.assert_close(out.entropy_aux_loss, kept.entropy_aux_loss)  # masked-out samples take no part
+    assert torch.equal(out.indices[mask], kept.indices)
+    packed = lfq(x, mask=mask[:, None].expand(3, 64))  # the peer's (B, N) form still works
+    torch.testing.assert_close(packed.entropy_aux_loss, kept.entropy_aux_loss)
+    with pytest.raises(ValueError, match="mask"):
+        lfq(x, mask=torch.ones(3, 5, dtype=torch.bool))

@@ -74,6 +74,19 @@ def _temperature(quantizers, inv_temperature: float):
     return swapped(quantizers, "entropy", lambda old: replace(old, temperature=1.0 / inv_temperature))
 
 
+def _positions_mask(mask: Tensor, positions: tuple[int, ...]) -> Tensor:
+    """The peer's mask -> one bool per position (B, *spatial): (B, N) over packed positions, or a per-sample (B,)
+    flag broadcast over the sample's positions (the peer fails on that with feature maps)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"LFQ: mask must be a bool tensor, got {mask.dtype}")
+    if mask.dim() == 1 and mask.shape[0] == positions[0]:
+        return mask.reshape(-1, *([1] * (len(positions) - 1))).expand(positions)
+    if mask.numel() != torch.Size(positions).numel() or mask.shape[0] != positions[0]:
+        raise ValueError(f"LFQ: mask must have shape (B,) = ({positions[0]},) or one entry per position "
+                         f"{tuple(positions)} (packed (B, N) allowed), got {tuple(mask.shape)}")
+    return mask.reshape(positions)
+
+
 class LFQ(nn.Module):
     """The peer's ``LFQ(dim=None, codebook_size=None, **keywords)``; see ``LFQ_OPTIONS``.
 
@@ -113,8 +126,8 @@ class LFQ(nn.Module):
         channel_first = self.channel_first if self.channel_first is not None else x.dim() >= 4
         z = to_channels_last(x, channel_first)  # (..., dim)
         h = self._split(self.project_in(z))  # (..., c, bits)
-        if mask is not None:  # the peer's (B, N) mask over packed positions; quantkit's covers every index
-            mask = mask.reshape(z.shape[:-1])[..., None].expand(h.shape[:-1])
+        if mask is not None:  # the peer's (B, N) mask over packed positions, or one flag per sample (B,)
+            mask = _positions_mask(mask, z.shape[:-1])[..., None].expand(h.shape[:-1])
         with _temperature([self.core], inv_temperature):
             res = self.core(h, mask=mask)
         out = from_channels_last(self.project_out(self._merge(res.quantized)), channel_first)
