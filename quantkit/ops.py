@@ -118,6 +118,47 @@ def _row_chunk(num_codes: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the codebook-centred frame (precision on data with a large common mean)
+#
+# Encoder features usually share a large common mean, and the expanded form ||z||^2 - 2 z.c + ||c||^2 that every
+# fast search ranks with then cancels catastrophically: with an offset 1e4 x the spread, float32 keeps no digit of
+# the distance differences. l2 distances are translation invariant, so both sides are first moved into a frame
+# centred on the codebook (z - m, c - m, each subtraction correctly rounded in the compute type); cosine is moved
+# onto the unit sphere in float64 and centred there, its per-code term carried by one extra column. The ranking
+# error then scales with the spread of the data about m, not with its distance from the origin.
+
+_CENTRE_SAMPLES = 256  # codewords, at evenly spaced indices, whose mean is the frame's centre
+
+
+def _codebook_centre(codebook: Tensor) -> Tensor:
+    """(D,) float64 mean of up to 256 codewords at evenly spaced indices (any point near the data would do)."""
+    num = codebook.shape[0]
+    take = min(num, _CENTRE_SAMPLES)
+    picks = torch.arange(take, device=codebook.device) * num // take
+    return codebook.detach()[picks].double().mean(0)
+
+
+def _unit_rows(t: Tensor) -> Tensor:
+    """Rows scaled to unit norm in float64 (rows shorter than the cosine eps are scaled as the op defines)."""
+    t = t.double()
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
+
+
+def _cosine_frame(z: Tensor, codebook: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(N, D+1), (K, D+1) in ``acc`` whose dot product ranks like cosine similarity, centred on the unit sphere.
+
+    With u = z/|z|, v = c/|c| and centre m of the v: u.v = (u - m).(v - m) + m.(v - m) + (a per-row constant),
+    so the per-code term m.(v - m) rides in one extra column against a column of ones.
+    """
+    u, v = _unit_rows(z.detach()), _unit_rows(codebook.detach())
+    m = _codebook_centre(v)
+    v = v - m
+    z_frame = torch.cat([u - m, u.new_ones(u.shape[0], 1)], dim=1)
+    c_frame = torch.cat([v, (v @ m)[:, None]], dim=1)
+    return z_frame.to(acc), c_frame.to(acc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # nearest_codeword
 
 
@@ -230,8 +271,12 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
         shape (N,) when ``k == 1`` else (N, k) sorted by ascending distance. Ties go to the lowest index. Returned
         distances are recomputed directly from z and the chosen codeword, so l2 distances are never negative.
 
-    Exactness: candidates are ranked with the expanded form ``||c||^2 - 2 z.c`` accumulated in float32, so the
-    returned codeword's true distance is within ``8 * 2**-24 * (||z||^2 + ||c||^2)`` of the best one's.
+    Exactness: z and the codebook are first moved into a frame centred on the codebook (m, the mean of up to 256
+    evenly spaced codewords; for cosine, the unit vectors centred on the unit sphere), then ranked with the
+    expanded form accumulated in float32 (float64 for float64 input). The returned codeword's true distance is
+    within ``8 u max(1, sqrt(D / 16)) (||z - m||^2 + ||c - m||^2)`` of the best one's (u = 2**-24, or 2**-53 for
+    float64; half of that on the centred unit vectors for cosine), so a large common mean costs no precision:
+    the bound scales with the data's spread, not its offset. ``dot`` ranks with the raw vectors.
     The distances are differentiable w.r.t. z and the codebook.
     """
     _check_pair("nearest_codeword", z, codebook)
@@ -244,8 +289,18 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
     if _values_checked_in_python():
         _check_finite("nearest_codeword", "z", z)
         _check_finite("nearest_codeword", "codebook", codebook)
-    dtype = _common_dtype(z, codebook)
-    indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k)
+    acc = _compute_dtype(_common_dtype(z, codebook))
+    if code == _COSINE:  # rank in the centred unit-sphere frame, then measure the chosen codes directly
+        z_frame, c_frame = _cosine_frame(z, codebook, acc)
+        indices, _ = torch.ops.quantkit.nearest_codeword.default(z_frame, c_frame, _DOT, k)
+        distances = _codeword_distance(z.double(), codebook[indices].double(), _COSINE).to(acc)
+    else:  # l2 and dot: the codebook-centred frame (for dot the ranking is exact to the data's own rounding)
+        if code == _L2:
+            centre = _codebook_centre(codebook).to(acc)
+            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre,
+                                                                              codebook.to(acc) - centre, code, k)
+        else:
+            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc), codebook.to(acc), code, k)
     if k == 1:
         return NearestCodewords(indices.squeeze(1), distances.squeeze(1))
     return NearestCodewords(indices, distances)
@@ -384,6 +439,15 @@ def soft_assign(z: Tensor, codebook: Tensor, temperature: float | Tensor = 1.0, 
         z = torch.nn.functional.normalize(z, dim=-1, eps=_COSINE_EPS)
         codebook = torch.nn.functional.normalize(codebook, dim=-1, eps=_COSINE_EPS)
         code = _DOT
+    if code == _L2:
+        # softmax(-|z - c|^2 / t) @ C is translation-equivariant: computed about the codebook's centre m (see
+        # _codebook_centre) and moved back, its error scales with the spread of the data, not its offset. m is a
+        # constant for autograd; the result (and so every gradient) does not depend on it.
+        acc = _compute_dtype(dtype)
+        centre = _codebook_centre(codebook).to(acc)
+        out = torch.ops.quantkit.soft_assign.default(z.to(acc) - centre, codebook.to(acc) - centre, temperature,
+                                                     code)[0]
+        return (out + centre).to(dtype)
     return torch.ops.quantkit.soft_assign.default(z, codebook, temperature, code)[0]
 
 

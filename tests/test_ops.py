@@ -217,6 +217,77 @@ def test_portable_instruction_set_paths_are_exact(isa, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# precision on data with a large common mean (encoder features): bounds scale with the spread, not the offset
+
+
+def _offset_data(n, K, D, offset_ratio, dtype, seed):
+    """z and the codebook both drawn as offset + spread * randn, offset = offset_ratio * spread, rounded to dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = 10.0 ** float(torch.randint(-3, 3, (), generator=gen))
+    if dtype == torch.float16:  # keep offset + spread * randn inside float16's range (65504)
+        spread = min(spread, 1e3 / (1.0 + offset_ratio))
+    offset = offset_ratio * spread * torch.randn(D, generator=gen).sign()  # a common mean of either sign per dim
+    z = (offset + spread * torch.randn(n, D, generator=gen, dtype=torch.float64)).to(dtype)
+    codebook = (offset + spread * torch.randn(K, D, generator=gen, dtype=torch.float64)).to(dtype)
+    return z, codebook, spread
+
+
+def _centred_tolerance(z, codebook, metric):
+    """(N, K) documented bound: 8 u max(1, sqrt(D/16)) (|z - m|^2 + |c - m|^2) about the codebook centre m (on the
+    unit vectors, halved, for cosine), u of the compute type."""
+    u = 2.0 ** -53 if z.dtype == torch.float64 else U32
+    z, c = z.double(), codebook.double()
+    if metric == "cosine":
+        z, c = ops._unit_rows(z), ops._unit_rows(c)
+    m = ops._codebook_centre(c)
+    zz, cc = (z - m).square().sum(1), (c - m).square().sum(1)
+    tol = 8 * u * max(1.0, (z.shape[1] / 16) ** 0.5) * (zz[:, None] + cc[None, :])
+    return (0.5 * tol if metric == "cosine" else tol) + 1e-300
+
+
+@given(n=st.integers(1, 40), K=st.integers(1, 64), D=st.sampled_from([1, 2, 7, 16, 64, 300, 1024]),
+       offset_ratio=st.sampled_from([0.0, 10.0, 1e2, 1e3, 1e4]), metric=st.sampled_from(["l2", "cosine"]),
+       dtype=st.sampled_from(DTYPES), k=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_nearest_is_exact_on_data_with_a_large_common_mean(n, K, D, offset_ratio, metric, dtype, k, seed):
+    """With a common offset up to 1e4 x the spread, every returned index is the float64 nearest within a bound
+    relative to the spread (the expanded form without centring kept no digit here: 0% of rows at 3e4)."""
+    k = min(k, K)
+    z, codebook, _ = _offset_data(n, K, D, offset_ratio, dtype, seed)
+    indices, distances = _nearest(z, codebook, metric, k)
+    true = _true_distances(z, codebook, metric)  # (n, K)
+    tol = _centred_tolerance(z, codebook, metric)
+    best = true.sort(dim=1).values[:, :k]
+    chosen = true.gather(1, indices)
+    slack = tol.gather(1, indices) + tol.max(dim=1, keepdim=True).values
+    assert bool((chosen <= best + slack).all()), f"not the nearest within tolerance: {((chosen - best) / slack).max()}"
+    assert all(len(set(row)) == k for row in indices.tolist())
+    scale = best[:, -1:].abs() + slack.max()
+    assert bool(((distances.double() - chosen).abs() <= 1e-5 * scale + 1e-6 * chosen.abs()).all())
+
+
+@pytest.mark.parametrize("offset_ratio", [0.0, 1e2, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [3, 64, 512])
+def test_soft_assign_forward_and_backward_are_exact_relative_to_the_spread(offset_ratio, dtype, D):
+    """softmax(-|z - c|^2 / t) @ C and its gradients against float64 autograd: the forward within 1e-4 spread plus
+    one ulp of the output, the gradients within 1e-3 of their own scale (which the spread sets)."""
+    z, codebook, spread = _offset_data(30, 50, D, offset_ratio, dtype, seed=D)
+    t = spread ** 2 * D / 4  # a soft assignment over a few codes
+    z64, c64 = z.double().requires_grad_(), codebook.double().requires_grad_()
+    want = torch.softmax(-(z64[:, None] - c64[None]).square().sum(-1) / t, dim=1) @ c64
+    zq, cq = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+    out = ops.soft_assign(zq, cq, temperature=t)
+    ulp = torch.finfo(dtype).eps * want.detach().abs().max()
+    assert float((out.double() - want).abs().max()) <= 1e-4 * spread + ulp
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g_want = torch.autograd.grad(want, (z64, c64), grad)
+    g_got = torch.autograd.grad(out, (zq, cq), grad.to(dtype))
+    for got, exp in zip(g_got, g_want):
+        scale = float(exp.abs().max())
+        assert float((got.double() - exp).abs().max()) <= 1e-3 * scale + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # soft_assign
 
 
