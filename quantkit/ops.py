@@ -130,12 +130,15 @@ def _row_chunk(num_codes: int) -> int:
 _CENTRE_SAMPLES = 256  # codewords, at evenly spaced indices, whose mean is the frame's centre
 
 
-def _codebook_centre(codebook: Tensor) -> Tensor:
+def _codebook_centre(codebook: Tensor, op: str = "nearest_codeword") -> Tensor:
     """(D,) float64 mean of up to 256 codewords at evenly spaced indices (any point near the data would do)."""
     num = codebook.shape[0]
     take = min(num, _CENTRE_SAMPLES)
     picks = torch.arange(take, device=codebook.device) * num // take
-    return codebook.detach()[picks].double().mean(0)
+    centre = codebook.detach()[picks].double().mean(0)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(centre).all()):
+        raise ValueError(f"{op}: codebook contains NaN or inf; quantkit rejects non-finite inputs")
+    return centre
 
 
 def _unit_rows(t: Tensor) -> Tensor:
@@ -444,7 +447,7 @@ def soft_assign(z: Tensor, codebook: Tensor, temperature: float | Tensor = 1.0, 
         # _codebook_centre) and moved back, its error scales with the spread of the data, not its offset. m is a
         # constant for autograd; the result (and so every gradient) does not depend on it.
         acc = _compute_dtype(dtype)
-        centre = _codebook_centre(codebook).to(acc)
+        centre = _codebook_centre(codebook, "soft_assign").to(acc)
         out = torch.ops.quantkit.soft_assign.default(z.to(acc) - centre, codebook.to(acc) - centre, temperature,
                                                      code)[0]
         return (out + centre).to(dtype)
