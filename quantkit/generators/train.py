@@ -122,9 +122,10 @@ DIGITS_RECIPES: dict[str, dict[str, Any]] = {
 
 def digits_recipe(generator: str, tokenizer: str, out_dir: str, steps: int, **overrides: Any
                   ) -> GeneratorTrainConfig:
-    """The :data:`DIGITS_RECIPES` config of ``generator`` for ``steps`` steps (keywords override fields)."""
+    """The :data:`DIGITS_RECIPES` config of ``generator`` for ``steps`` steps (keywords override fields). A recipe
+    may name its generator class ("mar_flow" is MAR with the flow head)."""
     recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DIGITS_RECIPES[generator].items()}
-    return GeneratorTrainConfig(**{**recipe, "generator": generator, "tokenizer": tokenizer, "out_dir": out_dir,
+    return GeneratorTrainConfig(**{**recipe, "generator": recipe.get("generator", generator), "tokenizer": tokenizer, "out_dir": out_dir,
                                    "steps": steps, "warmup_steps": min(50, max(1, steps // 10)), **overrides})
 
 
@@ -134,7 +135,16 @@ def digits_recipe(generator: str, tokenizer: str, out_dir: str, steps: int, **ov
 
 def generator_for_tokenizer(name: str, tokenizer, num_classes: int, overrides: dict[str, Any] | None = None
                             ) -> TokenGenerator:
-    """A generator whose vocabulary and token layout are the tokenizer's."""
+    """A generator whose vocabulary and token layout are the tokenizer's (a continuous generator: whose latent
+    shape is the continuous tokenizer's)."""
+    continuous = getattr(tokenizer, "continuous", False)
+    if generator_class(name).continuous != continuous:
+        raise ValueError(f"the {name!r} generator models {'latents' if generator_class(name).continuous else 'token IDs'}"
+                         f" but this tokenizer emits {'latents (a continuous tokenizer)' if continuous else 'token IDs'}"
+                         f"; pair MAR / DiT with a continuous tokenizer (klvae), the others with a discrete one")
+    if continuous:
+        return create_generator(name, **{**(overrides or {}), "latent_shape": tuple(tokenizer.latent_shape),
+                                         "num_classes": num_classes})
     kwargs = {**(overrides or {}), "vocab_size": tokenizer.vocab_size, "token_shape": tuple(tokenizer.token_shape),
               "num_classes": num_classes}
     if name == "var":
@@ -151,6 +161,14 @@ def generator_for_tokenizer(name: str, tokenizer, num_classes: int, overrides: d
 
 def check_tokenizer_matches(model: TokenGenerator, tokenizer, source: str = "the tokenizer") -> None:
     """Raises a clear error when the tokenizer's vocabulary or token layout is not the generator's."""
+    if getattr(model, "continuous", False) or getattr(tokenizer, "continuous", False):
+        if not (getattr(model, "continuous", False) and getattr(tokenizer, "continuous", False)):
+            raise ValueError(f"{source} and the {model.registry_name} generator do not match: one is continuous "
+                             f"(latents), the other discrete (token IDs)")
+        if tuple(tokenizer.latent_shape) != tuple(model.latent_shape):
+            raise ValueError(f"{source} emits latents of shape {tuple(tokenizer.latent_shape)} but the "
+                             f"{model.registry_name} generator models {tuple(model.latent_shape)}")
+        return
     if tokenizer.vocab_size != model.vocab_size:
         raise ValueError(f"{source} has a vocabulary of {tokenizer.vocab_size} codes but the {model.registry_name} "
                          f"generator was trained on {model.vocab_size}; use the tokenizer the generator was trained "
@@ -343,8 +361,9 @@ def train_generator(config: GeneratorTrainConfig | dict[str, Any], resume: bool 
     losses = [(int(m["step"]), float(m["loss"])) for m in run.metrics.read()] if start else []
     loss_module = wrap_ddp(_LossModule(model), device, world)
     if run.is_main:
+        vocab = "continuous latents" if model.continuous else f"vocab {model.vocab_size}"
         say(f"training {config.generator} on {len(ids)} tokenized {config.data} images: token shape "
-            f"{tuple(ids.shape[1:])}, vocab {model.vocab_size}, {model.num_parameters():,} parameters, "
+            f"{tuple(ids.shape[1:])}, {vocab}, {model.num_parameters():,} parameters, "
             f"{world} process(es)")
     bar = run.progress(config.steps, start, f"train-{config.generator}")
     ids, labels = ids.to(device), labels.to(device)
@@ -397,7 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import json_object, nonnegative_float, nonnegative_int, positive_float, positive_int
 
     parser.add_argument("--config", help="JSON file with GeneratorTrainConfig fields (flags below override it)")
-    parser.add_argument("--generator", help="maskgit, var, rq_transformer or pixelcnn (default maskgit)")
+    parser.add_argument("--generator", help="maskgit, var, rq_transformer, pixelcnn (token IDs) or mar, dit "
+                                            "(continuous latents of a klvae tokenizer) (default maskgit)")
     parser.add_argument("--tokenizer", help="run folder of a trained quantkit tokenizer (with --resume: default "
                                             "the copy the run carries)")
     parser.add_argument("--model-config", type=json_object, help='JSON overrides, e.g. \'{"dim": 128, "depth": 4}\'')

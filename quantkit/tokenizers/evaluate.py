@@ -2,7 +2,7 @@
 
 Metrics (over a dataset's images, all in [0, 1]):
     psnr, ssim                 per-image, averaged; computed by scikit-image (``skimage.metrics``)
-    utilization, perplexity    over every token of the set: fraction of the vocabulary used, exp(entropy)
+    utilization, perplexity    over every token of the set: fraction of the vocabulary used, exp(entropy) (discrete tokenizers; a continuous one reports latent_shape and latent_scale)
     tokens_per_image           prod(token_shape)
     encode_images_per_s, decode_images_per_s   wall-clock throughput of ``encode`` / ``decode`` (after a warm-up)
 
@@ -38,7 +38,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dataset, batch_size: int = 64, max_
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     if n == 0:
         raise ValueError("evaluate_tokenizer: the dataset is empty")
-    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.int64)
+    continuous = getattr(tokenizer, "continuous", False)  # a KL-VAE: latents, no codes to count
+    counts = None if continuous else torch.zeros(tokenizer.vocab_size, dtype=torch.int64)
     psnrs, ssims = [], []
     encode_s = decode_s = 0.0
     first_batch = None
@@ -53,7 +54,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dataset, batch_size: int = 64, max_
         recon01 = tokenizer.to_unit(tokenizer.decode(ids)).clamp(0, 1)
         t2 = time.perf_counter()
         encode_s, decode_s = encode_s + (t1 - t0), decode_s + (t2 - t1)
-        counts.index_add_(0, ids.reshape(-1).cpu(), torch.ones(ids.numel(), dtype=torch.int64))
+        if counts is not None:
+            counts.index_add_(0, ids.reshape(-1).cpu(), torch.ones(ids.numel(), dtype=torch.int64))
         a = images01.cpu().numpy().transpose(0, 2, 3, 1).astype(np.float64)  # (B, H, W, C)
         b = recon01.cpu().numpy().transpose(0, 2, 3, 1).astype(np.float64)
         win = min(7, a.shape[1], a.shape[2])
@@ -63,17 +65,16 @@ def evaluate_tokenizer(tokenizer: Tokenizer, dataset, batch_size: int = 64, max_
             ssims.append(structural_similarity(x, y, data_range=1.0, channel_axis=-1, win_size=win))
         if first_batch is None:
             first_batch = (images01.cpu(), recon01.cpu())
-    probs = counts.double() / counts.sum()
-    report: dict[str, Any] = {
-        "images": n,
-        "psnr": float(np.mean(psnrs)),
-        "ssim": float(np.mean(ssims)),
-        "utilization": float((counts > 0).double().mean()),
-        "perplexity": float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())),
-        "vocab_size": tokenizer.vocab_size,
-        "token_shape": list(tokenizer.token_shape),
-        "tokens_per_image": int(math.prod(tokenizer.token_shape)),
-    }
+    report: dict[str, Any] = {"images": n, "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+    if continuous:
+        report.update(latent_shape=list(tokenizer.latent_shape), latent_scale=float(tokenizer.latent_scale),
+                      tokens_per_image=int(math.prod(tokenizer.latent_grid)))
+    else:
+        probs = counts.double() / counts.sum()
+        report.update(utilization=float((counts > 0).double().mean()),
+                      perplexity=float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())),
+                      vocab_size=tokenizer.vocab_size, token_shape=list(tokenizer.token_shape),
+                      tokens_per_image=int(math.prod(tokenizer.token_shape)))
     if measure_speed:
         report["encode_images_per_s"] = n / max(encode_s, 1e-9)
         report["decode_images_per_s"] = n / max(decode_s, 1e-9)

@@ -109,14 +109,16 @@ class TrainResult:
 
 def _checkpoint_config(tokenizer: Tokenizer, step: int, train_config: dict[str, Any] | None,
                        metrics: dict[str, float] | None) -> dict[str, Any]:
+    layout = ({"continuous": True, "latent_shape": list(tokenizer.latent_shape),
+               "latent_scale": float(tokenizer.latent_scale)} if tokenizer.continuous else
+              {"token_shape": list(tokenizer.token_shape), "vocab_size": tokenizer.vocab_size})
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": tokenizer.registry_name,
-            "tokenizer_config": tokenizer.config.to_dict(), "step": step,
-            "token_shape": list(tokenizer.token_shape), "vocab_size": tokenizer.vocab_size,
+            "tokenizer_config": tokenizer.config.to_dict(), "step": step, **layout,
             "pixel_range": list(tokenizer.pixel_range), "metrics": metrics or {}, "train_config": train_config}
 
 
 def _check_savable(tokenizer: Tokenizer) -> None:
-    if not tokenizer.quantizer.registry_name:
+    if not tokenizer.continuous and not tokenizer.quantizer.registry_name:
         raise ValueError("save_checkpoint: the tokenizer's quantizer is not a registered quantizer, so the checkpoint "
                          "could not be rebuilt; register it with quantkit.quantizers.register_quantizer")
 
@@ -183,10 +185,11 @@ def psnr(x01: Tensor, y01: Tensor) -> Tensor:
 
 
 def build_tokenizer_for(config: TrainConfig, channels: int, image_size: int) -> Tokenizer:
-    from . import create_tokenizer
+    from . import create_tokenizer, tokenizer_class
 
-    overrides = {"image_size": image_size, "channels": channels, "quantizer": config.quantizer,
-                 "quantizer_kwargs": dict(config.quantizer_kwargs), **config.model_config}
+    quantizer = ({} if tokenizer_class(config.model).continuous else  # a KL-VAE has no quantizer
+                 {"quantizer": config.quantizer, "quantizer_kwargs": dict(config.quantizer_kwargs)})
+    overrides = {"image_size": image_size, "channels": channels, **quantizer, **config.model_config}
     extra = {}
     if config.proxy_tokenizer:
         extra["proxy_tokenizer"] = load_tokenizer(config.proxy_tokenizer)
@@ -248,16 +251,19 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
     loss_module = wrap_ddp(_LossModule(tokenizer, config.recon_loss), device, world, _has_frozen_or_unused(tokenizer))
     disc_module = wrap_ddp(disc, device, world) if disc is not None else None
 
-    log = _Logger(run.metrics, tokenizer.vocab_size)
+    log = _Logger(run.metrics, 0 if tokenizer.continuous else tokenizer.vocab_size)
     run.prepare(start)
     if run.is_main:
-        say(f"training {config.model} + {config.quantizer} on {data_name}: token shape {tokenizer.token_shape}, "
-            f"vocab {tokenizer.vocab_size}, {sum(p.numel() for p in params):,} trainable parameters, {world} "
-            f"process(es); {gan.describe()}")
+        layout = (f"continuous latents {tokenizer.latent_shape}" if tokenizer.continuous else
+                  f"+ {config.quantizer}: token shape {tokenizer.token_shape}, vocab {tokenizer.vocab_size}")
+        say(f"training {config.model} {layout} on {data_name}, {sum(p.numel() for p in params):,} trainable "
+            f"parameters, {world} process(es); {gan.describe()}")
     bar = run.progress(config.steps, start, "train-tokenizer")
     step = start
 
     def save() -> Path | None:
+        if tokenizer.continuous and run.is_main:  # every checkpoint carries the scale of its own latents
+            _measure_latent_scale(tokenizer, dataset)
         state = {"step": step, "optimizer": opt.state_dict(), "disc": disc.state_dict() if disc else None,
                  "disc_optimizer": disc_opt.state_dict() if disc_opt else None}
         return save_checkpoint(out_dir, step, tokenizer, config, state, log.last, config.keep_checkpoints) \
@@ -305,8 +311,7 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
             step += 1
             metrics = log.update(step, loss, terms, out, tokenizer, images, lr, force=step == config.steps,
                                  every=config.log_every)
-            bar.update(1, **({"loss": metrics["loss"], "psnr": metrics["psnr"], "usage": metrics["usage"]}
-                             if metrics else {}))
+            bar.update(1, **{k: metrics[k] for k in ("loss", "psnr", "usage", "kl_per_dim") if k in (metrics or {})})
             if callback is not None and rank == 0:
                 callback(step, metrics or {})
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -327,13 +332,26 @@ def train_tokenizer(config: TrainConfig | dict[str, Any], dataset=None, resume: 
     return TrainResult(checkpoint=ckpt, metrics=final_metrics, out_dir=out_dir)
 
 
+#: The latent scale factor of a continuous tokenizer is measured on at most this many training images.
+LATENT_SCALE_IMAGES = 4096
+
+
+def _measure_latent_scale(tokenizer, dataset, batch_size: int = 256) -> float:
+    """latent_scale = 1 / std of the latents of the first LATENT_SCALE_IMAGES training images (all of digits).
+    Deterministic (the posterior mean, no random draws), so it does not disturb an exact resume."""
+    n = min(len(dataset), LATENT_SCALE_IMAGES)
+    batches = (stack_batch(dataset, list(range(i, min(i + batch_size, n))))[0] for i in range(0, n, batch_size))
+    return tokenizer.measure_latent_scale(batches)
+
+
 def _has_frozen_or_unused(tokenizer: Tokenizer) -> bool:
     # TiTok stage 1 never uses the proxy VQGAN's decoder weights in the loss graph
     return tokenizer.registry_name == "titok"
 
 
 class _Logger:
-    """Averages loss terms, PSNR and codebook usage over each window of ``every`` steps (rank 0 writes)."""
+    """Averages loss terms, PSNR and codebook usage (vocab 0, a continuous tokenizer: its stats, e.g. KL per dim
+    and active units) over each window of ``every`` steps (rank 0 writes)."""
 
     def __init__(self, log: MetricsLog, vocab: int):
         self.log, self.vocab = log, vocab
@@ -350,18 +368,21 @@ class _Logger:
             p = float(psnr(tokenizer.to_unit(out.reconstruction.clamp(*tokenizer.pixel_range)),
                            tokenizer.to_unit(images)))
         values = {"loss": float(loss.detach()), "psnr": p,
-                  **{k: float(v.detach() if isinstance(v, Tensor) else v) for k, v in terms.items()}}
+                  **{k: float(v.detach() if isinstance(v, Tensor) else v) for k, v in terms.items()},
+                  **({k: float(v) for k, v in out.stats.items()} if not self.vocab else {})}
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.n += 1
-        self.counts.index_add_(0, out.indices.detach().reshape(-1).cpu(),
-                               torch.ones(out.indices.numel(), dtype=torch.int64))
+        if self.vocab:
+            self.counts.index_add_(0, out.indices.detach().reshape(-1).cpu(),
+                                   torch.ones(out.indices.numel(), dtype=torch.int64))
         if not (force or step % every == 0):
             return None
-        probs = self.counts.double() / self.counts.sum().clamp_min(1)
-        metrics = {"step": step, "lr": lr, **{k: v / self.n for k, v in self.sums.items()},
-                   "usage": float((self.counts > 0).double().mean()),
-                   "perplexity": float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum()))}
+        metrics = {"step": step, "lr": lr, **{k: v / self.n for k, v in self.sums.items()}}
+        if self.vocab:
+            probs = self.counts.double() / self.counts.sum().clamp_min(1)
+            metrics.update(usage=float((self.counts > 0).double().mean()),
+                           perplexity=float(torch.exp(-(probs * probs.clamp_min(1e-30).log()).sum())))
         self.last = metrics
         self.log.append(metrics)
         self._reset()
@@ -376,7 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import json_object, nonnegative_int, positive_float, positive_int
 
     parser.add_argument("--config", help="JSON file with TrainConfig fields (flags given below override it)")
-    parser.add_argument("--model", help="tokenizer: vqvae, vqgan, titok (default vqgan)")
+    parser.add_argument("--model", help="tokenizer: vqvae, vqgan, titok, softvq_vae, or klvae (continuous, no "
+                                        "quantizer) (default vqgan)")
     parser.add_argument("--quantizer", help="registered quantizer name (default fsq)")
     parser.add_argument("--quantizer-kwargs", type=json_object, help='JSON, e.g. \'{"codebook_size": 1024}\'')
     parser.add_argument("--model-config", type=json_object, help='JSON overrides of the tokenizer config, e.g. '
