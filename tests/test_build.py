@@ -73,7 +73,7 @@ def test_disable_ext_warns_once_and_runs_the_references():
             assert not _ext.has_kernel(op, "CPU") and not _ext.has_kernel(op, "CUDA"), op
             assert _ext.kernel_for(op, "cpu") == "reference", op
         assert torch.equal(got.indices, want[0]) and torch.allclose(got.distances, want[1])  # centred frame
-        assert torch.allclose(soft, soft_want)
+        assert torch.allclose(soft, soft_want, rtol=1e-4, atol=1e-5)  # centred frame: equal up to rounding
         print("ok")
     """)
     env = {**os.environ, "QUANTKIT_DISABLE_EXT": "1", "PYTHONPATH": REPO}
