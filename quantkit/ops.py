@@ -297,13 +297,12 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
         z_frame, c_frame = _cosine_frame(z, codebook, acc)
         indices, _ = torch.ops.quantkit.nearest_codeword.default(z_frame, c_frame, _DOT, k)
         distances = _codeword_distance(z.double(), codebook[indices].double(), _COSINE).to(acc)
-    else:  # l2 and dot: the codebook-centred frame (for dot the ranking is exact to the data's own rounding)
-        if code == _L2:
-            centre = _codebook_centre(codebook).to(acc)
-            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre,
-                                                                              codebook.to(acc) - centre, code, k)
-        else:
-            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc), codebook.to(acc), code, k)
+    elif code == _L2:  # the codebook-centred frame: the same distances, without the offset's cancellation
+        centre = _codebook_centre(codebook).to(acc)
+        indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre,
+                                                                          codebook.to(acc) - centre, code, k)
+    else:  # dot is not translation invariant: ranked on the raw vectors
+        indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc), codebook.to(acc), code, k)
     if k == 1:
         return NearestCodewords(indices.squeeze(1), distances.squeeze(1))
     return NearestCodewords(indices, distances)
