@@ -21,7 +21,8 @@ LIBRARY_PATH: str | None = None
 
 def _load() -> None:
     global LOAD_ERROR, LIBRARY_PATH
-    if os.getenv("QUANTKIT_DISABLE_EXT", "0") not in ("", "0"):
+    disabled_by_user = os.getenv("QUANTKIT_DISABLE_EXT", "0") not in ("", "0")
+    if disabled_by_user:
         LOAD_ERROR = "disabled by QUANTKIT_DISABLE_EXT=1"
     else:
         candidates = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) + glob.glob(os.path.join(_PACKAGE_DIR, "_C*.pyd")))
@@ -33,7 +34,8 @@ def _load() -> None:
                 LIBRARY_PATH = candidates[0]
             except OSError as error:  # built for another torch, missing symbol, ...
                 LOAD_ERROR = f"quantkit._C failed to load ({error}); rebuild with `pip install --no-build-isolation -e .`"
-    if LOAD_ERROR is not None:
+    # A user who set QUANTKIT_DISABLE_EXT asked for the references: only an unexpected failure is worth a warning.
+    if LOAD_ERROR is not None and not disabled_by_user:
         warnings.warn(f"quantkit: fused kernels unavailable: {LOAD_ERROR}. Every op runs its pure-PyTorch reference.",
                       RuntimeWarning, stacklevel=3)
 

@@ -51,7 +51,7 @@ def test_setup_without_torch_fails_fast_with_what_to_run(tmp_path):
     assert "pip install --no-build-isolation -e ." in message
 
 
-def test_disable_ext_warns_once_and_runs_the_references():
+def test_disable_ext_is_silent_and_runs_the_references():
     script = textwrap.dedent("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
@@ -64,10 +64,11 @@ def test_disable_ext_warns_once_and_runs_the_references():
             want = ops.nearest_codeword_reference(z, codebook, 0, 3)
             soft = ops.soft_assign(z, codebook, 0.5)
             soft_want = ops.soft_assign_reference(z, codebook, torch.tensor(0.5), 0)[0]
+        # The user asked for the references: no warning (it would be a second line on every CLI error), the
+        # reason is still recorded for `quantkit info`.
         ours = [w for w in caught if "fused kernels unavailable" in str(w.message)]
-        assert len(ours) == 1, [str(w.message) for w in caught]
-        assert issubclass(ours[0].category, RuntimeWarning)
-        assert "QUANTKIT_DISABLE_EXT" in str(ours[0].message)
+        assert ours == [], [str(w.message) for w in ours]
+        assert "QUANTKIT_DISABLE_EXT" in _ext.LOAD_ERROR
         assert _ext.LIBRARY_PATH is None
         for op in ("nearest_codeword", "soft_assign", "soft_assign_backward"):
             assert not _ext.has_kernel(op, "CPU") and not _ext.has_kernel(op, "CUDA"), op
