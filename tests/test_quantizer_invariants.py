@@ -280,6 +280,7 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
     # Sampling draws per vector: a batch with masked-out vectors draws other numbers for the rest.
     ("vq", dict(sampling=Sampling()), ("mask",)),
     ("lfq", dict(dim=8), ()),
+    ("lfq", dict(dim=8, spherical=True), ()),
     ("fsq", dict(dim=6), ()),
     ("softvq", dict(metric="l2", learnable_temperature=True), ()),
     ("residual", dict(dim=8, quantizer="vq", codebook_size=16, levels=None, layer_scale=None), ()),

@@ -6,6 +6,11 @@ the bits as an integer (channel 0 least significant). The codebook {-s, +s}^bits
 The one idea to hold: the entropy regularizer is exact. The per-sample term factorizes per bit, and the codebook
 term (the entropy of the batch-mean soft assignment over all 2^bits codes) is one chunked GEMM over the two halves
 of the bits (:mod:`quantkit.quantizers.entropy`), so 2^18 codes never need an N x 2^18 matrix.
+
+``spherical=True`` is binary spherical quantization, BSQ (Zhao et al. 2024, "Image and Video Tokenization with Binary
+Spherical Quantization", arXiv:2406.07548): the projected vector is put on the sphere of radius ``codebook_scale``
+first, and the codes are the sign vectors on that sphere, +-codebook_scale / sqrt(bits). All codes keep one norm, so
+the entropy terms still factorize per bit (with that smaller code value) and the sign still picks the nearest code.
 """
 from __future__ import annotations
 
@@ -57,13 +62,15 @@ class LFQ(Quantizer):
         entropy: :class:`EntropyLoss` (or a dict of its fields).
         codebook_scale: codes are +-codebook_scale (residual LFQ shrinks it per depth).
         channel_first: x is (B, dim, *spatial).
+        spherical: BSQ (see the module docstring): the projected vector and the codes lie on the sphere of radius
+            codebook_scale; the gradient then passes through the normalization (not the identity).
     """
 
     may_skip_depths = False
 
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
-                 channel_first: bool = False, projection_bias: bool = True):
+                 channel_first: bool = False, projection_bias: bool = True, spherical: bool = False):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
             raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
         try:
@@ -77,8 +84,10 @@ class LFQ(Quantizer):
         self.commitment_weight = float(commitment_weight)
         self.entropy = entropy if isinstance(entropy, EntropyLoss) else EntropyLoss(**(entropy or {}))
         self.codebook_scale = float(codebook_scale)
+        self.spherical = bool(spherical)
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
-        self.identity_gradient = self.dim == bits  # plain straight-through unless projections surround it
+        # plain straight-through unless projections or the spherical normalization surround it
+        self.identity_gradient = self.dim == bits and not self.spherical
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -86,29 +95,40 @@ class LFQ(Quantizer):
         """(bits,) int64 place values 2^i (made on the fly: a state_dict holds only the projections)."""
         return 2 ** torch.arange(self.bits, dtype=torch.int64, device=t.device)
 
+    def to_sphere(self, h: Tensor) -> Tensor:
+        """(..., bits) -> h / ||h|| * codebook_scale when spherical (BSQ), else h unchanged."""
+        return F.normalize(h, dim=-1) * self.codebook_scale if self.spherical else h
+
+    @property
+    def code_value(self) -> float:
+        """|c_i| of every code's every entry: codebook_scale, or codebook_scale / sqrt(bits) when spherical."""
+        return self.codebook_scale / self.bits ** 0.5 if self.spherical else self.codebook_scale
+
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Indices (...) -> codes (..., bits) in {-scale, +scale}, before the output projection."""
+        """Indices (...) -> codes (..., bits) in {-scale, +scale} (on the sphere when spherical), before the output
+        projection."""
         bits = (indices.unsqueeze(-1) & self._powers(indices)) != 0
-        return torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype)
+        return self.to_sphere(torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype))
 
     def bit_logits(self, h: Tensor) -> Tensor:
-        """Projected rows (N, bits) -> logits of p(bit = 1) under softmax(-||h - c||^2 / t): 4 s h / t."""
-        return h * (4 * self.codebook_scale / self.entropy.temperature)
+        """Projected rows (N, bits) (on the sphere when spherical) -> logits of p(bit = 1) under
+        softmax(-||h - c||^2 / t): 4 c h / t with c the code value (every code has the same norm)."""
+        return h * (4 * self.code_value / self.entropy.temperature)
 
     def entropy_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sample entropy, codebook entropy) of x's soft assignment, in nats (for monitoring)."""
         rows, _ = self._to_rows(x)
-        logits = self.bit_logits(self.project_in(rows))
+        logits = self.bit_logits(self.to_sphere(self.project_in(rows)))
         return per_sample_entropy(logits).mean(), codebook_entropy(logits, self.entropy.chunk_size)
 
     def _hard(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Projected rows (N, bits) -> (codes (N, bits), indices (N,))."""
         positive = h > 0
-        codes = torch.where(positive, self.codebook_scale, -self.codebook_scale).to(h.dtype)
+        codes = self.to_sphere(torch.where(positive, self.codebook_scale, -self.codebook_scale).to(h.dtype))
         return codes, (positive.long() * self._powers(h)).sum(-1)
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.project_in(z)  # (N, bits)
+        h = self.to_sphere(self.project_in(z))  # (N, bits)
         codes, indices = self._hard(h)
         quantized = self.project_out(straight_through(h, codes))
         if mask is not None:  # masked-out rows take no part in the loss
@@ -133,4 +153,5 @@ class LFQ(Quantizer):
         return self.project_out(self.indices_to_codes(indices))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, codebook_scale={self.codebook_scale}, " + super().extra_repr()
+        spherical = ", spherical=True" if self.spherical else ""
+        return f"bits={self.bits}, codebook_scale={self.codebook_scale}{spherical}, " + super().extra_repr()

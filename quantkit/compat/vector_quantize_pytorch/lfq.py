@@ -57,7 +57,7 @@ LFQ_OPTIONS: dict[str, Option] = {
                                                                                   "paper's"),
     "entropy_loss_offset": Option(5.0, "no effect while `experimental_softplus_entropy_loss = False`",
                                   unless("experimental_softplus_entropy_loss", 5.0)),
-    "spherical": Option(False, _NS, only_default(False), "no BSQ (spherical codes) in quantkit's LFQ"),
+    "spherical": Option(False, "`LFQ(spherical=True)`: BSQ, inputs and codes on the sphere (arXiv:2406.07548)"),
     "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
                                      "quantkit always quantizes in float32"),
     "orthogonal_rotation": Option(False, _NS, only_default(False), "no code rotation in quantkit's LFQ"),
@@ -112,7 +112,7 @@ class LFQ(nn.Module):
             else self.num_codebooks > 1
         self.channel_first = o["channel_first"]
         self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
-                         entropy=_entropy(o), codebook_scale=o["codebook_scale"])
+                         entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"])
 
     def _split(self, h: Tensor) -> Tensor:
         """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
@@ -141,7 +141,7 @@ class LFQ(nn.Module):
         rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
         with _temperature([self.core], inv_temperature):
             sample, batch = self.core.entropy_terms(rows)
-        commit = F.mse_loss(rows, self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
+        commit = F.mse_loss(self.core.to_sphere(rows), self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
         return ret, LossBreakdown(sample, batch, commit)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
@@ -200,6 +200,7 @@ class ResidualLFQ(nn.Module):
         dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
         self.rq = ResidualQuantizer(self.codebook_dim, "lfq", depth=self.num_quantizers, codebook_size=codebook_size,
                                     entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
+                                    spherical=o["spherical"],
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         for layer in self.rq.layers:
             # ResidualQuantizer's own commitment_weight keyword shadows the levels' one: set it on each level.
