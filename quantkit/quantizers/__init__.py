@@ -6,10 +6,12 @@ from .fsq import FSQ
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
 from .residual import ResidualQuantizer
+from .simvq import SimVQ
 from .softvq import SoftVQ
 from .vq import Sampling, VectorQuantizer
 from .vqgan_lc import VQGANLCQuantizer
 
 __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs", "list_quantizers",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
-           "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling"]
+           "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
+           "SimVQ"]

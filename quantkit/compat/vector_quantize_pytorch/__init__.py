@@ -16,7 +16,9 @@ from ._common import UnsupportedKeywordError, keyword_table_markdown
 from .fsq import FSQ, ResidualFSQ
 from .lfq import LFQ, ResidualLFQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
+from .simvq import ResidualSimVQ, SimVQ
 from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
-           "UnsupportedKeywordError", "keyword_table_markdown"]
+           "UnsupportedKeywordError", "keyword_table_markdown",
+           "SimVQ", "ResidualSimVQ"]
