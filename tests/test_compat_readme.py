@@ -67,9 +67,12 @@ def test_rotation_trick_flag():
         "straight_through"
 
 
-def test_directional_reparam_is_refused_by_name():
-    with pytest.raises(UnsupportedKeywordError, match="directional_reparam"):
+def test_directional_reparam_needs_dead_code_replacement_as_in_the_peer():
+    with pytest.raises(ValueError, match="threshold_ema_dead_code"):
         VectorQuantize(dim=256, codebook_size=256, directional_reparam=True, directional_reparam_variance=5e-3)
+    vq = VectorQuantize(dim=256, codebook_size=256, directional_reparam=True, threshold_ema_dead_code=2)
+    quantized, indices, loss = vq(torch.randn(1, 1024, 256))
+    assert quantized.shape == (1, 1024, 256) and indices.shape == (1, 1024) and float(loss.detach()) == 0.0
 
 
 @pytest.mark.parametrize("option", [dict(codebook_dim=16), dict(use_cosine_sim=True),

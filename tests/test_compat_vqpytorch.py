@@ -206,10 +206,10 @@ def test_unknown_keyword_is_a_type_error_and_forward_options_are_refused_by_name
     with pytest.raises(TypeError, match="codebook_sz"):
         compat.VectorQuantize(dim=8, codebook_size=16, codebook_sz=3)
     vq = compat.VectorQuantize(dim=8, codebook_size=16)
-    with pytest.raises(UnsupportedKeywordError, match="freeze_codebook"):
-        vq(torch.randn(2, 5, 8), freeze_codebook=True)
-    with pytest.raises(UnsupportedKeywordError, match="topk"):
-        vq(torch.randn(2, 5, 8), topk=2)
+    with pytest.raises(UnsupportedKeywordError, match="ema_update"):
+        vq(torch.randn(2, 5, 8), ema_update=False)
+    with pytest.raises(UnsupportedKeywordError, match="codebook_transform_fn"):
+        vq(torch.randn(2, 5, 8), codebook_transform_fn=lambda codes: codes)
 
 
 def test_docs_table_is_the_parsed_table():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantkit import VectorQuantizer, create_quantizer
-from quantkit.quantizers import DeadCodeConfig, EMAConfig, KMeansInit, Sampling
+from quantkit.quantizers import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit, Sampling
 from quantkit.testing import check_quantizer
 
 CONFIGS = [
@@ -20,6 +20,8 @@ CONFIGS = [
     dict(codebook_dim=3, ema=None, gradient="rotation", dead_code=DeadCodeConfig()),
     dict(heads=2, codebook_dim=5, kmeans_init=KMeansInit(min_vectors=16), dead_code=DeadCodeConfig(0.5)),
     dict(sampling=Sampling(temperature=0.5, topk=4)),
+    dict(ema=None, gradient="diveq", dead_code=DeadCodeConfig()),
+    dict(ema=EMAConfig(decay=1.0), dead_code=DeadCodeConfig(0.5)),
 ]
 
 
@@ -278,7 +280,9 @@ def test_compiled_eval_forward_matches_eager():
     (lambda: VectorQuantizer(8, 16, metric="dot"), "metric"),
     (lambda: VectorQuantizer(8, 16, gradient="gumbel"), "gradient"),
     (lambda: VectorQuantizer(8, 16, commitment_weight=-1.0), "commitment_weight"),
-    (lambda: EMAConfig(decay=1.0), "decay"),
+    (lambda: EMAConfig(decay=1.5), "decay"),
+    (lambda: VectorQuantizer(8, 16, diveq_variance=-1.0), "diveq_variance"),
+    (lambda: CodebookStep(accumulate=1), "accumulate"),
     (lambda: EMAConfig(decay=0.0), "decay"),
     (lambda: EMAConfig(eps=0.0), "eps"),
     (lambda: DeadCodeConfig(threshold=0), "threshold"),
@@ -309,3 +313,126 @@ def test_bad_input_raises_and_leaves_buffers_unchanged(x, argument):
 def test_registry_builds_vq():
     assert isinstance(create_quantizer("vq", dim=4, codebook_size=3), VectorQuantizer)
     assert np.prod(create_quantizer("vq", dim=4, codebook_size=3, heads=2)(torch.randn(5, 4)).indices.shape) == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-step codebook control (CodebookStep), decay = 1, top-k, DiVeQ
+
+
+def _seeded_ema_vq(decay=0.5):
+    torch.manual_seed(0)
+    return VectorQuantizer(4, 6, ema=EMAConfig(decay=decay, eps=0.1)).train()
+
+
+def test_code_weight_scales_each_codes_ema_rate_float64_reference():
+    q, x = _seeded_ema_vq(), torch.randn(50, 4)
+    cb = q.codebook
+    usage, sums = cb.usage.double().clone(), cb.embed_sum.double().clone()
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0, 0.25])
+    with cb.stepping(CodebookStep(weight=w)):
+        idx = q(x).indices
+    counts = torch.zeros(6, dtype=torch.float64).index_add_(0, idx, torch.ones(50, dtype=torch.float64))
+    s = torch.zeros(6, 4, dtype=torch.float64).index_add_(0, idx, x.double())
+    rate = 0.5 * w.double()  # (1 - decay) * w_k
+    usage = usage + rate * (counts - usage)
+    sums = sums + rate[:, None] * (s - sums)
+    n = usage.sum()
+    expected = sums / ((usage + 0.1) / (n + 6 * 0.1) * n)[:, None]
+    torch.testing.assert_close(cb.weight.double(), expected, rtol=1e-5, atol=1e-6)
+    assert cb.step_rule == CodebookStep()  # restored after the block
+
+
+def test_callable_code_weight_gets_this_steps_statistics():
+    q, x = _seeded_ema_vq(), torch.randn(30, 4)
+    seen = []
+
+    def weight(sums, counts):
+        seen.append((sums.clone(), counts.clone()))
+        return torch.ones_like(counts)
+
+    reference = copy.deepcopy(q)
+    with q.codebook.stepping(CodebookStep(weight=weight)):
+        idx = q(x).indices
+    reference(x)
+    assert torch.equal(seen[0][1], torch.bincount(idx, minlength=6).float())
+    torch.testing.assert_close(seen[0][0], torch.zeros(6, 4).index_add_(0, idx, x))
+    assert torch.equal(q.codebook.weight, reference.codebook.weight)  # weight 1 everywhere: an ordinary step
+
+
+def test_accumulated_steps_apply_once_as_the_sum_of_their_statistics():
+    q = _seeded_ema_vq()
+    reference = copy.deepcopy(q)
+    a, b = torch.randn(20, 4), torch.randn(30, 4)
+    before = q.codebook.weight.clone()
+    with q.codebook.stepping(CodebookStep(accumulate=True)):
+        ia = q(a).indices
+    assert torch.equal(q.codebook.weight, before)  # nothing applied yet
+    ib = q(b).indices  # applies a's and b's statistics at once
+    cb = reference.codebook
+    assert torch.equal(ia, cb.search(a).indices) and torch.equal(ib, cb.search(b).indices)
+    cb.update(torch.cat([a, b]), torch.cat([ia, ib]))  # one step over both batches
+    torch.testing.assert_close(q.codebook.weight, cb.weight)
+    torch.testing.assert_close(q.codebook.usage, cb.usage)
+
+
+@pytest.mark.parametrize("step", [dict(frozen=True), dict(decay=1.0)], ids=["frozen", "decay_one"])
+def test_frozen_step_and_decay_one_leave_the_codebook_exactly_unchanged(step):
+    q = _seeded_ema_vq(step.get("decay", 0.5))
+    before = _buffers(q)
+    rule = CodebookStep(frozen=step.get("frozen", False))
+    with q.codebook.stepping(rule):
+        for _ in range(3):
+            q(torch.randn(20, 4))
+    after = _buffers(q)
+    for name in ("codebook.weight", "codebook.embed_sum", "codebook.usage"):
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_bad_code_weight_is_refused_before_any_change():
+    q = _seeded_ema_vq()
+    before = _buffers(q)
+    for bad, match in [(torch.ones(5), "shape"), (torch.full((6,), float("nan")), "finite"),
+                       (-torch.ones(6), ">= 0")]:
+        with pytest.raises(ValueError, match=match):
+            with q.codebook.stepping(CodebookStep(weight=bad)):
+                q(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="shape"), q.codebook.stepping(CodebookStep(weight=lambda s, c: c[:2])):
+        q(torch.randn(10, 4))
+    assert _same_buffers(before, _buffers(q))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 30), k=st.integers(1, 20), metric=st.sampled_from(["l2", "cosine"]),
+       seed=st.integers(0, 2**16))
+def test_nearest_returns_the_float64_k_nearest_in_order_and_changes_nothing(n, k, metric, seed):
+    torch.manual_seed(seed)
+    q = VectorQuantizer(6, 12, metric=metric).train()
+    x = torch.randn(n, 6)
+    before = _buffers(q)
+    codes, idx, err = q.nearest(x, k)
+    k = min(k, 12)
+    assert codes.shape == (n, k, 6) and idx.shape == (n, k) and err.shape == (n, k)
+    assert _same_buffers(before, _buffers(q))
+    zx = torch.nn.functional.normalize(x.double(), dim=-1) if metric == "cosine" else x.double()
+    cb = q.codebook.lookup(torch.arange(12)).double()
+    d = torch.cdist(zx, cb).square() / 6  # (n, K) mean squared error, float64
+    ref = torch.sort(d, dim=1, stable=True).values[:, :k]
+    torch.testing.assert_close(err.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(err.double(), d.gather(1, idx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(codes, q.decode(idx))
+
+
+def test_diveq_without_noise_returns_the_code_with_the_closed_form_gradients():
+    q = VectorQuantizer(4, 5, ema=None, gradient="diveq", diveq_variance=0.0, commitment_weight=0.0,
+                        codebook_weight=0.0).double().train()
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, 4, dtype=torch.float64)
+    out = q(x)
+    codes = q.codebook.weight.detach()[out.indices]
+    torch.testing.assert_close(out.quantized, codes)
+    (out.quantized * g).sum().backward()
+    u = torch.nn.functional.normalize(codes - x.detach(), dim=-1)  # the error direction
+    along = (u * g).sum(-1, keepdim=True)  # (N, 1)
+    torch.testing.assert_close(x.grad, g - u * along)  # z + |e - z| u: identity minus the u component
+    expected = torch.zeros(5, 4, dtype=torch.float64).index_add_(0, out.indices, u * along)
+    torch.testing.assert_close(q.codebook.weight.grad, expected)

@@ -1,7 +1,7 @@
 """Quantizers: one API (:class:`Quantizer`, :class:`QuantizerOutput`) over every method, and a registry."""
 from ._registry import create_quantizer, example_kwargs, list_quantizers, register_quantizer
 from .base import Quantizer, QuantizerOutput
-from .codebook import DeadCodeConfig, EMAConfig, KMeansInit
+from .codebook import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit
 from .fsq import FSQ
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
@@ -14,4 +14,5 @@ from .vqgan_lc import VQGANLCQuantizer
 __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs", "list_quantizers",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
+           "CodebookStep",
            "SimVQ"]

@@ -8,6 +8,10 @@
 - k-means initialization (faiss) from the first training batches, deferred until ``min_vectors`` vectors are seen.
 - Dead-code revival (Williams et al. 2020, arXiv:2005.08520; RQ-VAE): codes whose EMA usage n_k falls below a
   threshold are replaced by encoder outputs of the current batch.
+- Per-step control (:class:`CodebookStep`, set for a block of calls with :meth:`Codebook.stepping`): a per-code
+  factor w_k on the EMA rate, n_k <- n_k + (1 - decay) w_k (c_k - n_k) (so w_k = 0 freezes code k); statistics
+  accumulated over several calls and applied at once (gradient accumulation); or a frozen codebook. ``decay=1``
+  is a codebook that EMA never moves.
 
 The one idea to hold: every statistic is built with ``index_add_`` over the (N,) assigned indices and (N, D)
 vectors, never an N x K one-hot; under ``torch.distributed`` the counts and sums are all-reduced, k-means runs on
@@ -17,7 +21,9 @@ seeded identically on all of them, so every rank holds the same codebook after e
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,8 +32,8 @@ from torch import Tensor, nn
 
 from ..ops import nearest_codeword
 
-__all__ = ["EMAConfig", "DeadCodeConfig", "KMeansInit", "Codebook", "faiss_kmeans", "revive_dead_codes",
-           "track_usage_and_revive", "default_revival_state"]
+__all__ = ["EMAConfig", "DeadCodeConfig", "KMeansInit", "CodebookStep", "Codebook", "faiss_kmeans",
+           "revive_dead_codes", "track_usage_and_revive", "default_revival_state"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,7 +56,8 @@ def _check_positive_int(owner: str, name: str, value: int | None, allow_none: bo
 class EMAConfig:
     """Train the codebook by exponential moving averages (no codebook gradient).
 
-    decay: weight of the past, in (0, 1); 0.99 as in VQ-VAE (the peer library defaults to 0.8).
+    decay: weight of the past, in (0, 1]; 0.99 as in VQ-VAE (the peer library defaults to 0.8); 1 leaves the codes
+        where they are (no EMA movement; dead-code revival, when configured, still replaces codes).
     eps: Laplace smoothing of the counts, > 0; keeps unused codes from dividing by zero.
     """
 
@@ -58,7 +65,8 @@ class EMAConfig:
     eps: float = 1e-5
 
     def __post_init__(self):
-        _check_fraction("EMAConfig", "decay", self.decay)
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"EMAConfig: decay must be a number in (0, 1], got {self.decay!r}")
         if not isinstance(self.eps, (int, float)) or not 0.0 < self.eps < math.inf:
             raise ValueError(f"EMAConfig: eps must be a finite positive number, got {self.eps!r}")
 
@@ -109,6 +117,42 @@ class KMeansInit:
         _check_positive_int("KMeansInit", "niter", self.niter)
         _check_positive_int("KMeansInit", "max_points_per_centroid", self.max_points_per_centroid)
         _check_positive_int("KMeansInit", "max_flat_codes", self.max_flat_codes)
+
+
+@dataclass(frozen=True)
+class CodebookStep:
+    """How the training steps taken inside :meth:`Codebook.stepping` update the codebook (default: ordinarily).
+
+    weight: per-code factor w_k >= 0 on the EMA rate (1 - decay), for the usage and the EMA sums: a (K,) tensor,
+        or a callable ``(sums (K, D) or None without EMA, counts (K,)) -> (K,)`` given this step's statistics
+        (all ranks). None: 1 for every code.
+    accumulate: add this step's statistics to a pending total instead of applying them; the next step that does
+        not accumulate applies the total (its own statistics included) as one EMA step, then revives dead codes.
+    frozen: nothing changes (no statistics, no EMA, no revival); k-means initialization still happens.
+    """
+
+    weight: Tensor | Callable[[Tensor | None, Tensor], Tensor] | None = None
+    accumulate: bool = False
+    frozen: bool = False
+
+    def __post_init__(self):
+        if self.weight is not None and not (isinstance(self.weight, Tensor) or callable(self.weight)):
+            raise ValueError(f"CodebookStep: weight must be a (K,) tensor, a callable or None, "
+                             f"got {type(self.weight).__name__}")
+        for name in ("accumulate", "frozen"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CodebookStep: {name} must be a bool, got {getattr(self, name)!r}")
+
+
+def _code_weight(weight: Tensor, num_codes: int) -> Tensor:
+    """Validates a per-code EMA weight: (K,), floating point, finite, >= 0."""
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (num_codes,) or not weight.is_floating_point():
+        raise ValueError(f"CodebookStep: weight must be a floating-point tensor of shape ({num_codes},) (one factor "
+                         f"per code), got {getattr(weight, 'dtype', type(weight).__name__)} of shape "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueError("CodebookStep: weight must be finite and >= 0")
+    return weight.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,6 +360,8 @@ class Codebook(nn.Module):
         self.register_buffer("initialized", torch.tensor(kmeans_init is None))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self._pool: list[Tensor] = []  # k-means candidates seen so far (this rank), until initialized
+        self.step_rule = CodebookStep()  # set for a block of calls by ``stepping``
+        self._pending: Tensor | None = None  # accumulated (K, 1 + D) counts and sums (K, 1 without EMA)
 
     # ------------------------------------------------------------------------------------------------------------
     # search and lookup (pure)
@@ -331,6 +377,19 @@ class Codebook(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     # training: k-means before the search, EMA and revival after it
+
+    @contextmanager
+    def stepping(self, rule: CodebookStep) -> Iterator[None]:
+        """Inside the block, training updates follow ``rule`` (per-code EMA weight, accumulation, frozen)."""
+        if not isinstance(rule, CodebookStep):
+            raise ValueError(f"Codebook.stepping: rule must be a CodebookStep, got {type(rule).__name__}")
+        if isinstance(rule.weight, Tensor):
+            _code_weight(rule.weight, self.num_codes)  # refused before any state changes
+        saved, self.step_rule = self.step_rule, rule
+        try:
+            yield
+        finally:
+            self.step_rule = saved
 
     @torch.no_grad()
     def prepare(self, z: Tensor) -> None:
@@ -370,26 +429,42 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def update(self, z: Tensor, indices: Tensor) -> None:
         """One training step's statistics from masked-in vectors z (n, D) and their codes (n,): EMA usage (and
-        sums / weights with EMA training), then revival of dead codes. Identical on every rank."""
-        if not bool(self.initialized):
+        sums / weights with EMA training), then revival of dead codes, as ``step_rule`` says. Identical on every
+        rank."""
+        rule = self.step_rule
+        if not bool(self.initialized) or rule.frozen:
             return
         z = z.detach().to(self.usage.dtype)  # float32, or float64 after .double()
         counts = torch.zeros_like(self.usage).index_add_(0, indices, torch.ones_like(indices, dtype=z.dtype))
         decay = self.ema.decay if self.ema is not None else self.dead_code.decay if self.dead_code else None
+        if decay is None:  # nothing to track: a gradient-trained codebook without revival
+            self.steps += 1
+            return
         if self.ema is not None:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, z)  # (K, D)
             stats = _all_reduce_(torch.cat([counts[:, None], sums], dim=1))  # one collective: (K, 1 + D)
-            counts, sums = stats[:, 0], stats[:, 1:]
-            self.embed_sum.lerp_(sums, 1.0 - decay)
-        elif decay is not None:
-            _all_reduce_(counts)
-        if decay is not None:
-            self.usage.lerp_(counts, 1.0 - decay)
-        if self.ema is not None:
-            n = self.usage.sum()
-            smoothed = (self.usage + self.ema.eps) / (n + self.num_codes * self.ema.eps) * n  # (K,)
-            weight = self.embed_sum / smoothed[:, None]
-            self.weight.copy_(F.normalize(weight, dim=-1) if self.metric == "cosine" else weight)
+        else:
+            stats = _all_reduce_(counts[:, None])  # (K, 1)
+        if rule.accumulate:
+            self._pending = stats if self._pending is None else self._pending + stats
+            return
+        rate = 1.0 - decay
+        if rule.weight is not None:  # evaluated on this call's statistics, as the peer library does
+            weight = rule.weight(stats[:, 1:] if self.ema is not None else None, stats[:, 0]) \
+                if callable(rule.weight) and not isinstance(rule.weight, Tensor) else rule.weight
+            rate = rate * _code_weight(weight.to(stats), self.num_codes)  # (K,)
+        if self._pending is not None:
+            stats, self._pending = stats + self._pending, None
+        moves = not (isinstance(rate, float) and rate == 0.0)  # decay = 1: the codes stay exactly where they are
+        if moves:
+            rate_k = rate[:, None] if isinstance(rate, Tensor) else rate
+            self.usage.lerp_(stats[:, 0], rate)
+            if self.ema is not None:
+                self.embed_sum.lerp_(stats[:, 1:], rate_k)
+                n = self.usage.sum()
+                smoothed = (self.usage + self.ema.eps) / (n + self.num_codes * self.ema.eps) * n  # (K,)
+                weight = self.embed_sum / smoothed[:, None]
+                self.weight.copy_(F.normalize(weight, dim=-1) if self.metric == "cosine" else weight)
         if self.dead_code is not None:
             self._revive(z)
         self.steps += 1

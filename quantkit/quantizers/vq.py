@@ -6,7 +6,12 @@ arXiv:1711.00937), with the training machinery that makes it work in practice.
 - ``heads``: the (projected) vector is split into ``heads`` chunks, each quantized with the shared codebook;
 - codebook trained by EMA (:class:`EMAConfig`) or by gradient (codebook loss), k-means init
   (:class:`KMeansInit`), dead-code revival (:class:`DeadCodeConfig`) -- all in :mod:`.codebook`;
-- straight-through or rotation-trick gradients (:mod:`.gradients`); optional stochastic code sampling.
+- straight-through or rotation-trick gradients (:mod:`.gradients`), or DiVeQ's directional reparameterization
+  (``gradient="diveq"``: the output is z plus the quantization error's length along a noised error direction, so the
+  gradient reaches the code through that length; Vali et al., "DiVeQ: Differentiable Vector Quantization Using the
+  Reparameterization Trick", openreview.net/forum?id=KRVnpTbx7R); optional stochastic code sampling;
+- :meth:`VectorQuantizer.nearest`: the k nearest codes of every vector (the fused top-k search), with their errors,
+  changing nothing (the residual quantizer's beam search is built on it).
 
 Loss (canonical placement, beta on the encoder term): ``commitment_weight * ||z - sg(e)||^2`` plus, for a
 gradient-trained codebook, ``codebook_weight * ||sg(z) - e||^2``; both are means over masked-in elements, measured in
@@ -17,6 +22,7 @@ The one idea to hold: the search goes through ``nearest_codeword`` and every cod
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +36,7 @@ from .gradients import rotation_trick, straight_through
 
 __all__ = ["VectorQuantizer", "Sampling", "masked_mse"]
 
-_GRADIENTS = ("straight_through", "rotation")
+_GRADIENTS = ("straight_through", "rotation", "diveq")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,24 @@ class Sampling:
             raise ValueError(f"Sampling: temperature must be a finite positive number, got {self.temperature!r}")
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ValueError(f"Sampling: topk must be a positive int, got {self.topk!r}")
+
+
+def directional_reparam(z: Tensor, codes: Tensor, variance: float, rows: Tensor | None = None) -> Tensor:
+    """DiVeQ (openreview.net/forum?id=KRVnpTbx7R, figure 1): z + ||codes - z|| * sg(unit(codes - z + noise)), noise
+    ~ N(0, variance) per element. With variance 0 the value is codes (up to rounding); the gradient reaches z (the
+    identity minus the error direction's component) and codes (along the error direction). Shapes (M, D).
+
+    Noise is drawn, in order, for the rows where ``rows`` (M,) bool is True only (all rows when None), so a masked
+    batch and its masked-in subset draw the same noise."""
+    error = codes - z
+    if variance > 0:
+        m = error.shape[0] if rows is None else int(rows.sum())
+        draw = torch.randn(m, error.shape[1], device=error.device, dtype=error.dtype)
+        noise = draw if rows is None else error.new_zeros(error.shape).masked_scatter(rows[:, None], draw)
+        error_dir = error + math.sqrt(variance) * noise
+    else:
+        error_dir = error
+    return z + F.normalize(error_dir, dim=-1).detach() * error.norm(dim=-1, keepdim=True)
 
 
 def masked_mse(a: Tensor, b: Tensor, weight: Tensor | None) -> Tensor:
@@ -75,7 +99,9 @@ class VectorQuantizer(Quantizer):
         codebook_weight: weight of the codebook term (gradient training only).
         dead_code: revive codes whose usage falls below a threshold (None: off).
         kmeans_init: initialize the codebook by k-means on the first training vectors (None: random normal).
-        gradient: "straight_through" or "rotation" (the rotation trick, arXiv:2410.06424).
+        gradient: "straight_through", "rotation" (the rotation trick, arXiv:2410.06424) or "diveq" (directional
+            reparameterization; pair it with ``ema=None`` so the codebook learns from the output's gradient).
+        diveq_variance: variance of DiVeQ's direction noise (>= 0; 0: no noise).
         sampling: stochastic code choice in training (None: always the nearest code).
         channel_first: x is (B, dim, *spatial).
     """
@@ -86,7 +112,7 @@ class VectorQuantizer(Quantizer):
                  metric: str = "l2", ema: EMAConfig | None = EMAConfig(), commitment_weight: float = 0.25,
                  codebook_weight: float = 1.0, dead_code: DeadCodeConfig | None = None,
                  kmeans_init: KMeansInit | None = None, gradient: str = "straight_through",
-                 sampling: Sampling | None = None, channel_first: bool = False):
+                 sampling: Sampling | None = None, channel_first: bool = False, diveq_variance: float = 5e-3):
         super().__init__(dim, codebook_size, channel_first)
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"VectorQuantizer: heads must be a positive int, got {heads!r}")
@@ -103,11 +129,15 @@ class VectorQuantizer(Quantizer):
         for name, value in (("commitment_weight", commitment_weight), ("codebook_weight", codebook_weight)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"VectorQuantizer: {name} must be a finite number >= 0, got {value!r}")
+        if isinstance(diveq_variance, bool) or not isinstance(diveq_variance, (int, float)) \
+                or not 0 <= diveq_variance < float("inf"):
+            raise ValueError(f"VectorQuantizer: diveq_variance must be a finite number >= 0, got {diveq_variance!r}")
         if sampling is not None and not isinstance(sampling, Sampling):
             raise ValueError(f"VectorQuantizer: sampling must be a Sampling or None, got {type(sampling).__name__}")
         self.heads, self.codebook_dim, self.metric, self.gradient = heads, codebook_dim, metric, gradient
         self.commitment_weight, self.codebook_weight = float(commitment_weight), float(codebook_weight)
         self.sampling = sampling
+        self.diveq_variance = float(diveq_variance)
         inner = heads * codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
@@ -154,14 +184,51 @@ class VectorQuantizer(Quantizer):
         loss = self.commitment_weight * masked_mse(h, codes.detach(), weight)
         if self.codebook.ema is None:
             loss = loss + self.codebook_weight * masked_mse(h.detach(), codes, weight)
-        if self.gradient == "rotation":
-            out = rotation_trick(h, codes)
-        else:
-            out = straight_through(h, codes)
+        out = self._estimate(h, codes, row_mask)
         if self.training:
             ind_valid = indices if row_mask is None else indices[row_mask]
             self.codebook.update(valid, ind_valid)
         return self._from_codes_space(out), indices.reshape(-1, self.heads).squeeze(-1), loss
+
+    def _estimate(self, h: Tensor, codes: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The codes (M, C) in the forward pass, with the configured gradient to h (M, C) (and, for DiVeQ, to a
+        gradient-trained codebook). DiVeQ's noise (drawn for the masked-in ``rows`` only) is a training device: in
+        eval the codes come back exactly."""
+        if self.gradient == "rotation":
+            return rotation_trick(h, codes)
+        if self.gradient == "diveq" and self.training:
+            return directional_reparam(h, codes, self.diveq_variance, rows)
+        return straight_through(h, codes)
+
+    def _candidates(self, z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The k nearest codes of z (N, dim), nearest first: (codes (N, k, dim) with the gradient estimator from z,
+        indices (N, k), squared error (N, k) in the codebook space, mean over its elements). Needs heads == 1;
+        changes nothing. The error keeps its graph to z (and to a gradient-trained codebook): a commitment term."""
+        h = self._to_codes_space(z)  # (N, C)
+        k = min(k, self.codebook_size)
+        indices = self.codebook.search(h, k).indices.reshape(h.shape[0], k)  # (N, k), the fused top-k search
+        codes = self.codebook.lookup(indices.reshape(-1))  # (N k, C)
+        h_rep = h.repeat_interleave(k, dim=0)  # (N k, C)
+        error = (h_rep - codes).square().mean(-1).reshape(-1, k)  # (N, k)
+        out = self._from_codes_space(self._estimate(h_rep, codes))  # (N k, dim)
+        return out.reshape(-1, k, self.dim), indices, error
+
+    def nearest(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The k nearest codes of every vector of x, nearest first, changing nothing (no EMA, no k-means):
+        ``(codes (..., k, dim), indices (..., k) int64, error (..., k))`` with error the mean squared quantization
+        error in the codebook space (differentiable: a per-candidate commitment term). Channel-first x gives
+        codes (B, dim, *spatial, k). Built on the fused top-k search: nothing of size N x K is formed."""
+        if self.heads != 1:
+            raise ValueError(f"VectorQuantizer.nearest: needs heads == 1, got heads={self.heads}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"VectorQuantizer.nearest: k must be a positive int, got {k!r}")
+        rows, shape = self._to_rows(x)
+        k = min(k, self.codebook_size)
+        codes, indices, error = self._candidates(rows, k)
+        codes = codes.reshape(*shape[:-1], k, self.dim).to(x.dtype)
+        if self.channel_first:
+            codes = codes.movedim(-1, 1)
+        return codes, indices.reshape(*shape[:-1], k), error.float().reshape(*shape[:-1], k)
 
     def _encode(self, z: Tensor) -> Tensor:
         indices = self.codebook.search(self._to_codes_space(z)).indices  # (N * heads,)

@@ -7,18 +7,19 @@ codebook) or one per head (``separate_codebook_per_head``), projected back and m
 
 The one idea to hold: in training, the returned ``quantized`` is ``get_output_from_indices(indices)`` evaluated after
 the step's codebook update (EMA, revival), with quantkit's gradient; so indices never drift from the output (the
-peer's issue #224).
+peer's issue #224). Per-call codebook options (``freeze_codebook``, ``ema_update_weight``, ``accum_ema_update``)
+become one :class:`quantkit.quantizers.CodebookStep` for the call; ``topk`` is ``VectorQuantizer.nearest``.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...quantizers import DeadCodeConfig, EMAConfig, KMeansInit, Sampling, VectorQuantizer
+from ...quantizers import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit, Sampling, VectorQuantizer
 from ...quantizers.gradients import straight_through
 from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, lens_to_mask,
                       load_codebook, load_projections, only_default, parse_options, reject_call, set_signature, swapped,
@@ -38,8 +39,8 @@ class LossBreakdown(NamedTuple):
     inplace_optimize: Tensor
 
 
-def _in_unit(value, _):
-    return isinstance(value, (int, float)) and 0 < value < 1
+def _decay_ok(value, _):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 # Peer keyword -> quantkit. Geometry and layout first, then the codebook, then what quantkit does not implement.
@@ -48,10 +49,11 @@ VQ_OPTIONS: dict[str, Option] = {
                                  "`project_in`/`project_out` (when `heads * codebook_dim != dim`)"),
     "heads": Option(1, "`VectorQuantizer(heads=...)`; indices gain a trailing heads axis"),
     "separate_codebook_per_head": Option(False, "one `VectorQuantizer` per head"),
-    "decay": Option(0.8, "`EMAConfig(decay=...)`", _in_unit, "quantkit's EMAConfig.decay must lie in (0, 1)"),
+    "decay": Option(0.8, "`EMAConfig(decay=...)` (1: EMA never moves the codes)", _decay_ok,
+                    "quantkit's EMAConfig.decay must lie in (0, 1]"),
     "eps": Option(1e-5, "`EMAConfig(eps=...)`"),
-    "freeze_codebook": Option(False, _NS, only_default(False), "quantkit has no frozen-codebook training mode; call "
-                                                               "the adapter in eval() for a pure lookup"),
+    "freeze_codebook": Option(False, "`Codebook.stepping(CodebookStep(frozen=True))` for every call (forward's "
+                                     "`freeze_codebook` overrides it)"),
     "kmeans_init": Option(False, "`KMeansInit()` (faiss k-means once `codebook_size` vectors were seen)"),
     "kmeans_iters": Option(10, "`KMeansInit(niter=...)`"),
     "sync_kmeans": Option(True, "always: k-means runs on rank 0 and is broadcast", only_default(True),
@@ -81,14 +83,16 @@ VQ_OPTIONS: dict[str, Option] = {
                                                                 "use SoftVQ"),
     "rotation_trick": Option(None, "`VectorQuantizer(gradient='rotation')` (None: when dim > 1), else "
                                    "'straight_through'"),
-    "directional_reparam": Option(False, _NS, only_default(False), "no DiVeQ estimator in quantkit"),
-    "directional_reparam_variance": Option(5e-3, "no effect while `directional_reparam = False`",
-                                           unless("directional_reparam", 5e-3)),
+    "directional_reparam": Option(False, "`VectorQuantizer(gradient='diveq', ema=None, commitment_weight=0, "
+                                         "codebook_weight=0)` (DiVeQ; needs `threshold_ema_dead_code > 0`)"),
+    "directional_reparam_variance": Option(5e-3, "`VectorQuantizer(diveq_variance=...)`"),
     "sync_codebook": Option(None, "always: statistics are all-reduced whenever torch.distributed is initialized",
                             lambda v, _: v is None or v is True, "quantkit always synchronizes codebooks"),
     "sync_affine_param": Option(False, _NS, only_default(False), "no affine re-standardization in quantkit"),
-    "ema_update": Option(None, "`EMAConfig` (None / True); `False` needs `learnable_codebook=True`",
-                         lambda v, vals: v is None or v is True or bool(vals["learnable_codebook"]),
+    "ema_update": Option(None, "`EMAConfig` (None / True); `False` needs `learnable_codebook=True` (the default "
+                               "with `directional_reparam`)",
+                         lambda v, vals: v is None or v is True or bool(vals["learnable_codebook"])
+                         or (vals["directional_reparam"] and vals["learnable_codebook"] is None),
                          "a fixed random codebook is not a quantkit mode; pass learnable_codebook=True for a "
                          "gradient-trained one (VectorQuantizer(ema=None))"),
     "vq_bridge": Option(None, _NS, only_default(None), "no codebook bridge network in quantkit"),
@@ -111,21 +115,68 @@ VQ_OPTIONS: dict[str, Option] = {
 }
 
 
+def _check_diveq(o: dict) -> None:
+    """The peer's own assertions around DiVeQ, as clear errors."""
+    if not o["directional_reparam"]:
+        return
+    if o["threshold_ema_dead_code"] <= 0:
+        raise ValueError("VectorQuantize: directional_reparam=True needs threshold_ema_dead_code > 0 (periodic "
+                         "dead-code replacement), as in the peer")
+    if o["rotation_trick"] or o["straight_through"]:
+        raise ValueError("VectorQuantize: directional_reparam excludes rotation_trick and straight_through")
+    if o["ema_update"] or o["learnable_codebook"] is False:
+        raise ValueError("VectorQuantize: directional_reparam trains the codebook by gradient (learnable_codebook, no "
+                         "EMA update)")
+
+
 def vq_core_kwargs(o: dict, dim: int) -> dict:
     """quantkit ``VectorQuantizer`` keywords (everything but dim / codebook_size / heads) from parsed peer options."""
-    learnable = bool(o["learnable_codebook"]) or o["ema_update"] is False
-    rotation = o["rotation_trick"] if o["rotation_trick"] is not None else dim > 1
+    _check_diveq(o)
+    diveq = bool(o["directional_reparam"])
+    learnable = bool(o["learnable_codebook"]) or o["ema_update"] is False or diveq
+    rotation = o["rotation_trick"] if o["rotation_trick"] is not None else (dim > 1 and not diveq)
     sample = o["stochastic_sample_codes"] and o["sample_codebook_temp"] > 0
+    commitment = 0.0 if diveq else o["commitment_weight"]  # the peer has no commitment loss under DiVeQ
     return dict(
         metric="cosine" if o["use_cosine_sim"] else "l2",
         ema=None if learnable else EMAConfig(decay=o["decay"], eps=o["eps"]),
-        commitment_weight=o["commitment_weight"],
-        codebook_weight=o["commitment_weight"],
+        commitment_weight=commitment,
+        codebook_weight=commitment,
         dead_code=DeadCodeConfig(threshold=o["threshold_ema_dead_code"]) if o["threshold_ema_dead_code"] > 0 else None,
         kmeans_init=KMeansInit(niter=o["kmeans_iters"]) if o["kmeans_init"] else None,
-        gradient="rotation" if rotation else "straight_through",
+        gradient="diveq" if diveq else "rotation" if rotation else "straight_through",
+        diveq_variance=o["directional_reparam_variance"],
         sampling=Sampling(temperature=o["sample_codebook_temp"]) if sample else None,
     )
+
+
+def _per_codebook_weights(weight, codebooks: int, size: int) -> list:
+    """The peer's ``ema_update_weight`` ((K,) or (codebooks, K) tensor, or a callable on (h, K, D) sums and (h, K)
+    counts) -> one quantkit ``CodebookStep.weight`` per codebook. A callable is called per codebook with a
+    one-head view (the peer calls it once on every head together)."""
+    if weight is None:
+        return [None] * codebooks
+    if callable(weight) and not isinstance(weight, Tensor):
+        def one_head(sums, counts, fn=weight):
+            out = fn(None if sums is None else sums[None], counts[None])
+            return out.reshape(-1, size)[0]
+        return [one_head] * codebooks
+    if not isinstance(weight, Tensor) or weight.dim() not in (1, 2) or weight.shape[-1] != size \
+            or (weight.dim() == 2 and weight.shape[0] not in (1, codebooks)):
+        raise ValueError(f"ema_update_weight must be a tensor of shape ({size},) or ({codebooks}, {size}), or a "
+                         f"callable; got {getattr(weight, 'shape', type(weight).__name__)}")
+    rows = weight.reshape(-1, size)
+    return [rows[i if rows.shape[0] > 1 else 0] for i in range(codebooks)]
+
+
+def codebook_steps(quantizers, frozen: bool, weight=None, accumulate: bool = False):
+    """One ``CodebookStep`` for this call on every quantizer's codebook (a no-op context for the default step)."""
+    if not frozen and weight is None and not accumulate:
+        return nullcontext()
+    stack = ExitStack()
+    for q, w in zip(quantizers, _per_codebook_weights(weight, len(quantizers), quantizers[0].codebook_size)):
+        stack.enter_context(q.codebook.stepping(CodebookStep(weight=w, accumulate=bool(accumulate), frozen=frozen)))
+    return stack
 
 
 def sampling_temperature(quantizers, temperature: float | None):
@@ -166,6 +217,9 @@ class VectorQuantize(nn.Module):
         self.commitment_weight = o["commitment_weight"]
         self.return_zeros_for_masked_padding = o["return_zeros_for_masked_padding"]
         self.ema_update = core["ema"] is not None
+        self.freeze_codebook = bool(o["freeze_codebook"])
+        if o["directional_reparam"]:
+            self.commitment_weight = 0.0  # no commitment loss under DiVeQ (its breakdown term is zero)
 
     # ------------------------------------------------------------------------------------------------------------
     # layout
@@ -241,12 +295,8 @@ class VectorQuantize(nn.Module):
                 return_loss_breakdown: bool = False, codebook_transform_fn=None, ema_update_weight=None,
                 accum_ema_update: bool = False, ema_update: bool | None = None):
         reject_call("VectorQuantize",
-                    topk=(topk, None, "use quantkit.nearest_codeword(z, codebook, k=...) for the k nearest codes"),
-                    freeze_codebook=(freeze_codebook if freeze_codebook is not None else False, False,
-                                     "call the adapter in eval() for a lookup that changes nothing"),
-                    codebook_transform_fn=(codebook_transform_fn, None, "no implicit neural codebook in quantkit"),
-                    ema_update_weight=(ema_update_weight, None, "quantkit's EMA weighs every code equally"),
-                    accum_ema_update=(accum_ema_update, False, "quantkit applies the EMA step in every forward"),
+                    codebook_transform_fn=(codebook_transform_fn, None, "the implicit neural codebook lives in "
+                                           "ResidualVQ(implicit_neural_codebook=True)"),
                     ema_update=(ema_update if ema_update is not None else True, True,
                                 "quantkit always applies the EMA step in training; use eval() to skip it"))
         if mask is not None and lens is not None:
@@ -256,13 +306,17 @@ class VectorQuantize(nn.Module):
         if lens is not None:
             mask = lens_to_mask(lens, z.shape[1])
         h = self.project_in(z)  # (..., heads * codebook_dim)
+        if topk is not None:
+            return self._topk(z, h, mask, topk, channel_first, return_loss_breakdown)
         if indices is not None:
             if self.training:
                 raise ValueError("VectorQuantize.forward: indices= (the cross-entropy loss) is computed in eval() "
                                  "only, so that it never updates the codebook")
             quantized, *_ = self.forward(x, mask=mask)
             return quantized, self._cross_entropy(h, indices)
-        with sampling_temperature(self.quantizers, sample_codebook_temp):
+        frozen = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
+        with sampling_temperature(self.quantizers, sample_codebook_temp), \
+                codebook_steps(self.quantizers, frozen, ema_update_weight, accum_ema_update):
             q, idx, loss = self._quantize(h, mask)
         out, idx = apply_padding(self.project_out(q), idx, mask,
                                  None if self.return_zeros_for_masked_padding else z, self._index_axes)
@@ -276,6 +330,29 @@ class VectorQuantize(nn.Module):
         parts = 1 if self.ema_update else 2
         commit = loss / (parts * self.commitment_weight) if self.commitment_weight else zero
         return out, idx, loss, LossBreakdown(commit, zero, zero, zero)
+
+    def _topk(self, z: Tensor, h: Tensor, mask: Tensor | None, topk: int, channel_first: bool, breakdown: bool):
+        """forward(topk=k): the k nearest codes of every vector (``VectorQuantizer.nearest``, the fused top-k
+        search), quantized (..., k, dim) (channel-first: (B, dim, *spatial, k)), indices (..., k) and the per-code
+        commitment loss (..., k); the codebook is not updated, as in the peer."""
+        if self.heads != 1 or isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"VectorQuantize.forward: topk must be a positive int and needs heads == 1, got "
+                             f"topk={topk!r} with heads={self.heads}")
+        codes, idx, error = self.quantizers[0].nearest(h, topk)  # (..., k, C), (..., k), (..., k)
+        out = self.project_out(codes)  # (..., k, dim)
+        zero = torch.zeros((), device=z.device)
+        loss = error * self.commitment_weight if self.commitment_weight > 0 else error
+        if self.training and not self.commitment_weight > 0:
+            loss = zero  # the peer's training loss without a commitment term
+        if mask is not None:
+            fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else z[..., None, :].expand_as(out)
+            out = torch.where(mask[..., None, None], out, fill)
+            idx = torch.where(mask[..., None], idx, -1)
+            error = torch.where(mask[..., None], error, 0.0)
+            if loss.dim():
+                loss = torch.where(mask[..., None], loss, 0.0)
+        out = from_channels_last(out, channel_first)
+        return (out, idx, loss, LossBreakdown(error, zero, zero, zero)) if breakdown else (out, idx, loss)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Raw codebook vectors (before project_out) for indices (...[, heads]); channel-first for feature maps."""
