@@ -3,6 +3,7 @@ from ._registry import create_quantizer, example_kwargs, list_quantizers, regist
 from .base import Quantizer, QuantizerOutput
 from .codebook import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit
 from .fsq import FSQ
+from .latent_quantize import LatentQuantizer
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
 from .residual import ResidualQuantizer
@@ -15,4 +16,4 @@ __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep",
-           "SimVQ"]
+           "SimVQ", "LatentQuantizer"]

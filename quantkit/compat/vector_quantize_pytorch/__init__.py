@@ -14,6 +14,7 @@ A keyword quantkit does not implement raises :class:`UnsupportedKeywordError` na
 """
 from ._common import UnsupportedKeywordError, keyword_table_markdown
 from .fsq import FSQ, ResidualFSQ
+from .latent_quantize import LatentQuantize
 from .lfq import LFQ, ResidualLFQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .simvq import ResidualSimVQ, SimVQ
@@ -21,4 +22,4 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
            "UnsupportedKeywordError", "keyword_table_markdown",
-           "SimVQ", "ResidualSimVQ"]
+           "SimVQ", "ResidualSimVQ", "LatentQuantize"]
