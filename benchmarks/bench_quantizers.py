@@ -113,12 +113,38 @@ def _peer_fsq(s: Shape) -> nn.Module:
     return FSQ(levels=list(_FSQ_LEVELS), dim=s.dim)
 
 
+def _qk_fsp(s: Shape) -> nn.Module:  # FSQ's grid through a tanh CDF; every element perturbed in training (the default)
+    from quantkit.quantizers import FSP
+
+    return FSP(_FSQ_LEVELS, dim=s.dim)
+
+
+def _peer_fsp(s: Shape) -> nn.Module:
+    from vector_quantize_pytorch import FSP
+
+    return FSP(levels=list(_FSQ_LEVELS), dim=s.dim)
+
+
+def _qk_bsq(s: Shape) -> nn.Module:  # LFQ on the sphere (BSQ), MAGVIT-v2's losses as in the lfq rows
+    from quantkit import LFQ
+
+    return LFQ(dim=s.dim, codebook_size=2 ** 16, commitment_weight=0.25, entropy=dict(weight=0.1), spherical=True)
+
+
+def _peer_bsq(s: Shape) -> nn.Module:
+    from vector_quantize_pytorch import LFQ
+
+    return LFQ(dim=s.dim, codebook_size=2 ** 16, entropy_loss_weight=0.1, commitment_loss_weight=0.25, spherical=True)
+
+
 METHODS: list[Method] = [
     Method("vq", _qk_vq, _peer_vq, "VectorQuantize"),
     Method("rq", _qk_rq, _peer_rq, "ResidualVQ"),
     Method("fsq", _qk_fsq, _peer_fsq, "FSQ"),
     Method("lfq-2^16", _qk_lfq(16), _peer_lfq(16), "LFQ"),
     Method("lfq-2^18", _qk_lfq(18), _peer_lfq(18), "LFQ"),
+    Method("fsp", _qk_fsp, _peer_fsp, "FSP"),
+    Method("bsq-2^16", _qk_bsq, _peer_bsq, "LFQ(spherical=True)"),
 ]
 
 

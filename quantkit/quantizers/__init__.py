@@ -4,6 +4,7 @@ from .base import Quantizer, QuantizerOutput
 from .codebook import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit
 from .fsq import FSQ
 from .latent_quantize import LatentQuantizer
+from .fsp import FSP, MomentLoss
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
 from .residual import ResidualQuantizer
@@ -14,6 +15,7 @@ from .vqgan_lc import VQGANLCQuantizer
 
 __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs", "list_quantizers",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
+           "FSP", "MomentLoss",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep",
            "SimVQ", "LatentQuantizer"]

@@ -13,6 +13,7 @@ A keyword quantkit does not implement raises :class:`UnsupportedKeywordError` na
 ``load_peer_state_dict(peer.state_dict())`` copies a trained peer module's weights into its adapter.
 """
 from ._common import UnsupportedKeywordError, keyword_table_markdown
+from .fsp import FSP
 from .fsq import FSQ, ResidualFSQ
 from .latent_quantize import LatentQuantize
 from .lfq import LFQ, ResidualLFQ
@@ -22,4 +23,5 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
            "UnsupportedKeywordError", "keyword_table_markdown",
+           "FSP",
            "SimVQ", "ResidualSimVQ", "LatentQuantize"]
