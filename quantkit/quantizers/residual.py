@@ -11,20 +11,65 @@ The one idea to hold: ``indices`` are (..., depth) and every column is an ordina
 Gradients: quantized reaches x through the first depth's estimator (straight-through for VQ / LFQ, the bound for
 FSQ), which is the chain rule of a straight-through residual stack; deeper depths see a detached residual, so
 their own losses train only their own parameters. ``commitment_weight`` adds RQ-VAE's commitment to every partial
-sum, mean_d ||x - sg(q_0 + ... + q_d)||^2, which does reach the encoder.
+sum, mean_d ||x - sg(q_0 + ... + q_d)||^2, which does reach the encoder. ``quant_grad_frac=f`` instead keeps every
+residual's graph to x (as vector-quantize-pytorch does): r_{d+1} = r_d - (f q_d + (1 - f) sg(q_d)), so each level's
+estimator reaches x and a fraction f of a level's gradient flows back into the earlier levels.
+
+Options: ``codebook_sizes`` gives each depth its own number of codes; :class:`BeamSearch` keeps the best partial
+paths instead of the greedy one (beam search over residual paths, as in vector-quantize-pytorch's ResidualVQ; cf.
+the beam search of additive quantization, Babenko & Lempitsky 2014). Each level's candidates come from the fused
+top-k search (``VectorQuantizer.nearest``), so nothing of size N x K is built: a step holds N x width x width
+candidates. The search picks the indices; the ordinary stack then quantizes along them (same loss, gradient and
+codebook update as a greedy step, for the chosen codes).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._registry import create_quantizer, register_quantizer
 from .base import Quantizer
+from .codebook import Codebook, CodebookStep
 from .gradients import straight_through
 
-__all__ = ["ResidualQuantizer"]
+__all__ = ["ResidualQuantizer", "BeamSearch"]
+
+
+@dataclass(frozen=True)
+class BeamSearch:
+    """Beam search over residual paths: at every depth each kept path proposes its ``width`` nearest codes, and the
+    ``width`` paths of lowest score go on; the last depth keeps the best one. Score: sum over depths of
+    ``level_weights[d]`` times that depth's mean squared quantization error (in its codebook space, rescaled by
+    ``layer_scale^2d``). Needs levels with a top-k search (``VectorQuantizer``).
+
+    width: paths kept in training (1: the greedy stack).
+    eval_width: paths kept in eval and by ``encode`` (default: width).
+    level_weights: one weight >= 0 per depth (default: 1 each).
+    """
+
+    width: int
+    eval_width: int | None = None
+    level_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("width", "eval_width"):
+            value = getattr(self, name)
+            if value is None and name == "eval_width":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BeamSearch: {name} must be a positive int, got {value!r}")
+        if self.level_weights is not None:
+            weights = tuple(float(w) for w in self.level_weights)
+            if not all(0 <= w < float("inf") for w in weights):
+                raise ValueError(f"BeamSearch: level_weights must be finite numbers >= 0, got {self.level_weights!r}")
+            object.__setattr__(self, "level_weights", weights)
+
+    def width_for(self, training: bool) -> int:
+        return self.width if training or self.eval_width is None else self.eval_width
 
 
 def _per_channel(name: str, value, dim: int) -> float | tuple[float, ...] | None:
@@ -40,6 +85,21 @@ def _per_channel(name: str, value, dim: int) -> float | tuple[float, ...] | None
         raise ValueError(f"ResidualQuantizer: {name} must be a positive number or {dim} positive numbers (one per "
                          f"channel), got {value!r}")
     return values
+
+
+def _codebook_sizes(sizes, depth: int, shared: bool, kwargs: dict) -> tuple[int, ...] | None:
+    """Validated per-depth codebook sizes (None: the inner quantizer's one ``codebook_size`` for every depth)."""
+    if sizes is None:
+        return None
+    sizes = tuple(sizes)
+    if len(sizes) != depth or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+        raise ValueError(f"ResidualQuantizer: codebook_sizes must be {depth} positive ints (one per depth), "
+                         f"got {sizes!r}")
+    if shared and len(set(sizes)) > 1:
+        raise ValueError("ResidualQuantizer: a shared codebook has one size; codebook_sizes differ")
+    if "codebook_size" in kwargs:
+        raise ValueError("ResidualQuantizer: pass codebook_sizes or codebook_size, not both")
+    return sizes
 
 
 def _div(x: Tensor, s: float | Tensor) -> Tensor:
@@ -72,13 +132,20 @@ class ResidualQuantizer(Quantizer):
         commitment_weight: weight of RQ-VAE's partial-sum commitment (0 disables).
         seed: seeds a private generator for quantize-dropout (default: the global torch RNG).
         channel_first: x is (B, dim, *spatial).
+        codebook_sizes: one codebook size per depth (instead of the inner ``codebook_size``); not with a shared
+            codebook. ``codebook_size`` is then the largest.
+        quant_grad_frac: None (default): quantkit's stack, deeper levels see a detached residual. A number f in
+            [0, 1]: residuals keep their graph to x, r_{d+1} = r_d - (f q_d + (1 - f) sg(q_d)) (the peer's).
+        beam: beam search over residual paths (:class:`BeamSearch`); None: greedy. In training it starts once every
+            level's codebook is initialized (k-means).
         **quantizer_kwargs: the inner quantizer's other keywords (``codebook_size``, ``levels``, ...).
     """
 
     def __init__(self, dim: int, quantizer: str = "vq", depth: int = 4, shared_codebook: bool = False,
                  quantize_dropout: float = 0.0, min_depth: int = 1, layer_scale: float | Sequence[float] | None = None,
                  commitment_weight: float = 0.0, seed: int | None = None, channel_first: bool = False,
-                 input_clamp: float | Sequence[float] | None = None, **quantizer_kwargs: Any):
+                 input_clamp: float | Sequence[float] | None = None, codebook_sizes: Sequence[int] | None = None,
+                 quant_grad_frac: float | None = None, beam: BeamSearch | None = None, **quantizer_kwargs: Any):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"ResidualQuantizer: depth must be an int >= 1, got {depth!r}")
         if not 0.0 <= quantize_dropout <= 1.0:
@@ -91,15 +158,34 @@ class ResidualQuantizer(Quantizer):
         if "channel_first" in quantizer_kwargs:
             raise ValueError("ResidualQuantizer: pass channel_first to the ResidualQuantizer, not to the inner "
                              "quantizer (it always sees rows)")
-        layers = [create_quantizer(quantizer, dim=dim, **quantizer_kwargs) for _ in range(1 if shared_codebook
-                                                                                          else depth)]
+        sizes = _codebook_sizes(codebook_sizes, depth, shared_codebook, quantizer_kwargs)
+        if quant_grad_frac is not None and (isinstance(quant_grad_frac, bool) or not isinstance(
+                quant_grad_frac, (int, float)) or not 0.0 <= quant_grad_frac <= 1.0):
+            raise ValueError(f"ResidualQuantizer: quant_grad_frac must be None or a number in [0, 1], "
+                             f"got {quant_grad_frac!r}")
+        if beam is not None and not isinstance(beam, BeamSearch):
+            raise ValueError(f"ResidualQuantizer: beam must be a BeamSearch or None, got {type(beam).__name__}")
+        if beam is not None and beam.level_weights is not None and len(beam.level_weights) != depth:
+            raise ValueError(f"ResidualQuantizer: beam.level_weights must have one weight per depth ({depth}), got "
+                             f"{len(beam.level_weights)}")
+        if sizes is None:
+            layers = [create_quantizer(quantizer, dim=dim, **quantizer_kwargs)
+                      for _ in range(1 if shared_codebook else depth)]
+        else:
+            layers = [create_quantizer(quantizer, dim=dim, codebook_size=k, **quantizer_kwargs) for k in sizes]
+        if beam is not None and not hasattr(layers[0], "_candidates"):
+            raise ValueError(f"ResidualQuantizer: beam search needs levels with a top-k search (VectorQuantizer), "
+                             f"got {quantizer!r}")
         if layers[0].num_indices != 1:
             raise ValueError(f"ResidualQuantizer: the inner quantizer {quantizer!r} must give one index per vector, "
                              f"it gives {layers[0].num_indices}")
         if layers[0].dim != dim:
             raise ValueError(f"ResidualQuantizer: the inner quantizer has dim {layers[0].dim}, expected dim={dim}")
-        super().__init__(dim, layers[0].codebook_size, channel_first)
+        super().__init__(dim, max(layer.codebook_size for layer in layers), channel_first)
         self.layers = nn.ModuleList(layers)
+        self.codebook_sizes = tuple(layers[0 if shared_codebook else d].codebook_size for d in range(depth))
+        self.quant_grad_frac = None if quant_grad_frac is None else float(quant_grad_frac)
+        self.beam = beam
         self.soft = layers[0].soft
         self.identity_gradient = layers[0].identity_gradient  # quantized reaches x through depth 0 only
         self.depth = depth
@@ -108,7 +194,7 @@ class ResidualQuantizer(Quantizer):
         self.min_depth = min_depth
         self.layer_scale = layer_scale
         self.input_clamp = input_clamp
-        if input_clamp is not None:
+        if input_clamp is not None or (quant_grad_frac is not None and depth > 1):
             self.identity_gradient = False
         self.commitment_weight = float(commitment_weight)
         self._generator: torch.Generator | None = None
@@ -124,6 +210,18 @@ class ResidualQuantizer(Quantizer):
     def layer(self, d: int) -> Quantizer:
         """The inner quantizer of depth d."""
         return self.layers[0 if self.shared_codebook else d]
+
+    @contextmanager
+    def stepping(self, rule: CodebookStep) -> Iterator[None]:
+        """Inside the block, every level's codebook updates follow ``rule`` (e.g. ``CodebookStep(frozen=True)``)."""
+        with ExitStack() as stack:
+            for layer in self.layers:
+                codebook = getattr(layer, "codebook", None)
+                if not isinstance(codebook, Codebook):
+                    raise ValueError(f"ResidualQuantizer.stepping: the {self.layers[0].registry_name!r} levels have "
+                                     "no learned Codebook")
+                stack.enter_context(codebook.stepping(rule))
+            yield
 
     def depth_scale(self, d: int, like: Tensor | None = None) -> float | Tensor:
         """s^d: a float, or (dim,) in like's dtype for per-channel scales (computed in float64, then rounded)."""
@@ -160,9 +258,49 @@ class ResidualQuantizer(Quantizer):
             return drawn
         return torch.full((n,), self.depth, device=device).masked_scatter(mask, drawn)
 
+    @torch.no_grad()
+    def _beam_paths(self, z: Tensor, width: int) -> Tensor:
+        """Beam search over residual paths of z (N, dim) (already clamped) -> indices (N, depth) of the best path.
+
+        Every kept path asks its level for its ``width`` nearest codes (the fused top-k search), candidates are
+        scored by the weighted sum of their levels' errors, and the ``width`` best (1 at the last depth) go on.
+        Peak memory: N x width x width x dim."""
+        n, dim = z.shape
+        weights = self.beam.level_weights or (1.0,) * self.depth
+        residual = z[:, None]  # (N, b, dim), b = 1 path to start
+        score = z.new_zeros(n, 1)  # (N, b), lower is better
+        paths = torch.zeros(n, 1, 0, dtype=torch.int64, device=z.device)  # (N, b, d)
+        for d in range(self.depth):
+            last = d == self.depth - 1
+            s = self.depth_scale(d, z)
+            b = residual.shape[1]
+            k = 1 if last else min(width, self.codebook_sizes[d])
+            q, idx, err = self.layer(d)._candidates(_div(residual.reshape(n * b, dim), s), k)  # (N b, k, ...)
+            if isinstance(s, float):
+                err = err * s * s  # the error at the residual's scale
+            candidates = score[:, :, None] + weights[d] * err.reshape(n, b, k)  # (N, b, k)
+            order = torch.sort(candidates.reshape(n, b * k), dim=1, stable=True)
+            keep = 1 if last else width
+            pick, score = order.indices[:, :keep], order.values[:, :keep]  # (N, keep), flat over (b, k)
+            moved = residual[:, :, None] - _mul(q.to(z.dtype), s).reshape(n, b, k, dim)  # (N, b, k, dim)
+            residual = moved.reshape(n, b * k, dim).gather(1, pick[..., None].expand(-1, -1, dim))
+            parents = paths.gather(1, (pick // k)[..., None].expand(-1, -1, d))  # (N, keep, d)
+            paths = torch.cat([parents, idx.reshape(n, b * k).gather(1, pick)[..., None]], dim=2)
+        return paths[:, 0]  # (N, depth)
+
+    def beam_width(self) -> int:
+        """Paths the beam search keeps in this call (1: greedy). Training waits for every codebook's k-means."""
+        width = 1 if self.beam is None else self.beam.width_for(self.training)
+        if width > 1 and self.training and not all(bool(getattr(layer, "codebook").initialized)
+                                                   for layer in self.layers):
+            return 1
+        return width
+
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         kept = self._kept_depths(z.shape[0], mask, z.device)
-        residual = self._clamp_input(z)  # (N, dim); only depth 0 keeps the graph to z
+        residual = self._clamp_input(z)  # (N, dim); only depth 0 keeps the graph to z (unless quant_grad_frac)
+        width = self.beam_width()
+        paths = self._beam_paths(residual.detach(), width) if width > 1 else None  # (N, depth)
         total_hard = torch.zeros_like(z)  # sum of the kept levels' values
         total = torch.zeros_like(z)  # the same values, carrying each level's gradient paths
         indices, loss, commit = [], z.new_zeros(()), z.new_zeros(())
@@ -170,7 +308,10 @@ class ResidualQuantizer(Quantizer):
             active = None if kept is None else kept > d  # (N,)
             layer_mask = active if mask is None else (mask if active is None else mask & active)
             s = self.depth_scale(d, z)
-            q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask)
+            if paths is None:
+                q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask)
+            else:
+                q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask, indices=paths[:, d])
             q = _mul(q, s)
             if active is not None:
                 q = torch.where(active[:, None], q, 0.0)
@@ -179,7 +320,11 @@ class ResidualQuantizer(Quantizer):
             loss = loss + layer_loss
             total = total + q
             total_hard = total_hard + q.detach()
-            residual = (residual - q).detach()
+            f = self.quant_grad_frac
+            if f is None:
+                residual = (residual - q).detach()
+            else:  # the peer's: the residual keeps its graph; a fraction f of q's gradient flows back through it
+                residual = residual - (q.detach() if f == 0 else f * q + (1 - f) * q.detach())
             if self.commitment_weight:
                 err = (z - total_hard).square().sum(-1) / z.shape[1]  # (N,)
                 if mask is not None:
@@ -190,6 +335,9 @@ class ResidualQuantizer(Quantizer):
         return total, torch.stack(indices, dim=-1), loss  # (N, dim), (N, depth), ()
 
     def _encode(self, z: Tensor) -> Tensor:
+        width = 1 if self.beam is None else self.beam.width_for(False)
+        if width > 1:
+            return self._beam_paths(self._clamp_input(z), width)
         residual, indices = self._clamp_input(z), []
         for d in range(self.depth):
             s = self.depth_scale(d, z)
@@ -223,10 +371,15 @@ class ResidualQuantizer(Quantizer):
         if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.depth:
             raise ValueError(f"ResidualQuantizer: indices must have shape (..., d) with 1 <= d <= depth="
                              f"{self.depth}, got {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"ResidualQuantizer: indices must lie in [0, {self.codebook_size}) or be -1 (a skipped "
-                             f"depth), got range [{int(indices.min())}, {int(indices.max())}]")
+        if not indices.numel():
+            return
+        sizes = torch.tensor(self.codebook_sizes[:indices.shape[-1]], device=indices.device)  # (d',)
+        if int(indices.min()) < -1 or bool((indices >= sizes).any()):
+            raise ValueError(f"ResidualQuantizer: indices of depth d must lie in [0, codebook_sizes[d]) with "
+                             f"codebook_sizes={self.codebook_sizes}, or be -1 (a skipped depth), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
 
     def extra_repr(self) -> str:
         return (f"depth={self.depth}, shared_codebook={self.shared_codebook}, "
-                f"quantize_dropout={self.quantize_dropout}, " + super().extra_repr())
+                f"quantize_dropout={self.quantize_dropout}, codebook_sizes={self.codebook_sizes}, "
+                f"quant_grad_frac={self.quant_grad_frac}, beam={self.beam}, " + super().extra_repr())

@@ -172,13 +172,16 @@ class VectorQuantizer(Quantizer):
         pick = torch.multinomial(probs, 1)  # (M, 1)
         return candidates.gather(1, pick).reshape(-1)
 
-    def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _quantize(self, z: Tensor, mask: Tensor | None, indices: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """``indices`` (N * heads,), when given, are the codes to use instead of the nearest ones (a residual beam
+        search chose them); loss, gradient and codebook update follow them."""
         h = self._to_codes_space(z)  # (M, C) with M = N * heads, C = codebook_dim
         row_mask = None if mask is None else mask.repeat_interleave(self.heads)  # (M,)
         if self.training:
             valid = h.detach() if row_mask is None else h.detach()[row_mask]  # (m, C)
             self.codebook.prepare(valid)  # k-means once enough vectors were seen (no-op afterwards)
-        indices = self._choose(h)  # (M,)
+        indices = self._choose(h) if indices is None else indices.reshape(-1)  # (M,)
         codes = self.codebook.lookup(indices)  # (M, C), differentiable when the codebook is a Parameter
         weight = None if row_mask is None else row_mask.to(h.dtype)
         loss = self.commitment_weight * masked_mse(h, codes.detach(), weight)

@@ -7,25 +7,28 @@ quantkit ``VectorQuantizer`` built from the same peer keywords as :class:`Vector
 
 The one idea to hold: layout is handled once, before the projection, so ``accept_image_fmap`` works (it crashes in
 the peer), and in training the output is the decode of the returned indices after the codebook update (no drift).
+Per-level codebook sizes, ``quant_grad_frac`` and beam search are options of the native ``ResidualQuantizer``
+(``codebook_sizes``, ``quant_grad_frac``, :class:`BeamSearch`); ``freeze_codebook`` is ``ResidualQuantizer.stepping``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...quantizers import ResidualQuantizer
+from contextlib import nullcontext
+
+from ...quantizers import CodebookStep, ResidualQuantizer
 from ...quantizers.gradients import straight_through
+from ...quantizers.residual import BeamSearch
 from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, load_codebook,
-                      load_projections, only_default, parse_options, reject_call, set_signature, to_channels_last)
+                      load_projections, only_default, parse_options, reject_call, set_signature, swapped,
+                      to_channels_last)
 from .vq import VQ_OPTIONS, sampling_temperature, vq_core_kwargs
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ", "RVQ_OPTIONS", "residual_losses"]
 
 _NS = "not supported"
-
-
-def _uniform_size(value, _):
-    return isinstance(value, int) or (isinstance(value, tuple) and len(set(value)) == 1)
 
 
 _RVQ_OWN: dict[str, Option] = {
@@ -43,12 +46,16 @@ _RVQ_OWN: dict[str, Option] = {
     "implicit_neural_codebook": Option(False, _NS, only_default(False), "no QINCo in quantkit"),
     "mlp_kwargs": Option({}, "no effect without `implicit_neural_codebook` (as in the peer)",
                          lambda v, vals: not vals["implicit_neural_codebook"] or v == {}),
-    "beam_size": Option(None, _NS, only_default(None), "no beam search in quantkit's residual quantizer"),
-    "eval_beam_size": Option(None, _NS, only_default(None), "no beam search in quantkit's residual quantizer"),
-    "beam_score_quantizer_weights": Option(None, _NS, only_default(None), "no beam search in quantkit"),
+    "beam_size": Option(None, "`ResidualQuantizer(beam=BeamSearch(width=...))`: beam search over residual paths on "
+                              "the fused top-k search (no N x K)"),
+    "eval_beam_size": Option(None, "`BeamSearch(eval_width=...)` (None: beam_size)",
+                             lambda v, vals: v is None or vals["beam_size"] is not None,
+                             "needs beam_size (as in the peer)"),
+    "beam_score_quantizer_weights": Option(None, "`BeamSearch(level_weights=...)`"),
     "quant_grad_frac": Option(0.0, "0: quantkit's straight-through stack (the output's gradient reaches x "
-                                   "through the first level)", only_default(0.0),
-                              "quantkit's residual gradient is fixed"),
+                                   "through the first level); > 0: `ResidualQuantizer(quant_grad_frac=...)`, the "
+                                   "peer's residual gradient",
+                              lambda v, _: isinstance(v, (int, float)) and 0 <= v <= 1, "must lie in [0, 1]"),
     "return_zeros_for_masked_padding": Option(True, "adapter: padding positions get zeros (True) or the input"),
 }
 _LAYOUT_ONLY = {
@@ -83,15 +90,16 @@ class ResidualVQ(nn.Module):
     def __init__(self, *, dim: int, codebook_size: int | tuple[int, ...], **kwargs):
         super().__init__()
         o = parse_options("ResidualVQ", RVQ_OPTIONS, kwargs)
-        if not _uniform_size(codebook_size, o):
-            raise ValueError(f"ResidualVQ: codebook_size={codebook_size!r} gives levels different codebook sizes; "
-                             "not supported by quantkit's ResidualQuantizer (one size for every depth)")
-        sizes = codebook_size if isinstance(codebook_size, tuple) else None
+        sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
         depth = o["num_quantizers"] if o["num_quantizers"] is not None else (len(sizes) if sizes else None)
         if depth is None:
             raise ValueError("ResidualVQ: pass num_quantizers (or a tuple codebook_size)")
+        if sizes is not None and len(sizes) != depth:
+            raise ValueError(f"ResidualVQ: codebook_size={codebook_size!r} must have num_quantizers={depth} entries")
         self.dim, self.num_quantizers = dim, depth
-        self.codebook_size = sizes[0] if sizes else codebook_size
+        self.codebook_sizes = sizes or (codebook_size,) * depth
+        self.codebook_size = self.codebook_sizes[0]
+        self.uniform_codebook_size = len(set(self.codebook_sizes)) == 1
         self.codebook_dim = o["codebook_dim"] or dim
         self.has_projections = self.codebook_dim != dim
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
@@ -99,10 +107,14 @@ class ResidualVQ(nn.Module):
         dropout = bool(o["quantize_dropout"]) and depth > 1
         core = vq_core_kwargs(o, self.codebook_dim)
         commitment = core.pop("commitment_weight")
+        size = dict(codebook_size=self.codebook_size) if self.uniform_codebook_size else \
+            dict(codebook_sizes=self.codebook_sizes)
+        self.beam_score_weights = o["beam_score_quantizer_weights"]
+        beam = self._beam(o["beam_size"], o["eval_beam_size"])
         self.rq = ResidualQuantizer(self.codebook_dim, "vq", depth=depth, shared_codebook=o["shared_codebook"],
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, depth),
-                                    codebook_size=self.codebook_size, **core)
+                                    quant_grad_frac=float(o["quant_grad_frac"]) or None, beam=beam, **size, **core)
         for layer in self.rq.layers:
             # ResidualQuantizer's own commitment_weight (RQ-VAE's partial-sum term, off here) shadows the levels'
             # keyword of that name: the peer's per-level commitment is set on each level.
@@ -113,10 +125,19 @@ class ResidualVQ(nn.Module):
         self.return_zeros_for_masked_padding = o["return_zeros_for_masked_padding"]
         self.ema_update = core["ema"] is not None
 
+    def _beam(self, width: int | None, eval_width: int | None = None) -> BeamSearch | None:
+        """The peer's beam sizes -> BeamSearch (None: greedy in both modes)."""
+        if width is None:
+            return None
+        weights = self.beam_score_weights
+        return BeamSearch(int(width), None if eval_width is None else int(eval_width),
+                          None if weights is None else tuple(weights))
+
     @property
-    def codebooks(self) -> Tensor:
-        """(num_quantizers, codebook_size, codebook_dim)."""
-        return torch.stack([self.rq.layer(d).codebook.weight for d in range(self.num_quantizers)])
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """(num_quantizers, codebook_size, codebook_dim); a tuple of (K_d, codebook_dim) when sizes differ."""
+        weights = [self.rq.layer(d).codebook.weight for d in range(self.num_quantizers)]
+        return torch.stack(weights) if self.uniform_codebook_size else tuple(weights)
 
     def _check_layout(self, x: Tensor) -> bool:
         if self.accept_image_fmap and x.dim() != 4:
@@ -130,23 +151,46 @@ class ResidualVQ(nn.Module):
         reject_call("ResidualVQ",
                     indices=(indices, None, "the residual cross-entropy head is not in quantkit; use "
                                             "VectorQuantize(indices=...) per level"),
-                    freeze_codebook=(freeze_codebook, False, "call the adapter in eval() for a pure lookup"),
-                    beam_size=(beam_size, None, "no beam search in quantkit's residual quantizer"),
                     rand_quantize_dropout_fixed_seed=(rand_quantize_dropout_fixed_seed, None,
                                                       "seed quantkit's ResidualQuantizer(seed=...) instead"))
         channel_first = self._check_layout(x)
         z = to_channels_last(x, channel_first)  # (..., dim)
         h = self.project_in(z)  # (..., codebook_dim)
-        with sampling_temperature(self.rq.layers, sample_codebook_temp):
+        beam = nullcontext() if beam_size is None else swapped([self.rq], "beam", lambda _: self._beam(beam_size))
+        frozen = self.rq.stepping(CodebookStep(frozen=True)) if freeze_codebook else nullcontext()
+        with sampling_temperature(self.rq.layers, sample_codebook_temp), beam, frozen:
+            searched = self.rq.beam_width() > 1
             res = self.rq(h, mask=mask)
         q, idx = res.quantized, res.indices
         if self.training and self.ema_update:
             q = straight_through(q, self.rq.decode(idx).to(q.dtype))  # codes after this step's update
+        losses = residual_losses(res.loss, self.num_quantizers, self.training)
+        if searched and not self.training:
+            losses = self._beam_eval_losses(h, idx, mask)
         out, idx = apply_padding(self.project_out(q), idx, mask,
                                  None if self.return_zeros_for_masked_padding else z, 1)
-        ret = (from_channels_last(out, channel_first), idx, residual_losses(res.loss, self.num_quantizers,
-                                                                             self.training))
+        ret = (from_channels_last(out, channel_first), idx, losses)
         return (*ret, self.get_codes_from_indices(idx)) if return_all_codes else ret
+
+    @torch.no_grad()
+    def _beam_eval_losses(self, h: Tensor, indices: Tensor, mask: Tensor | None) -> Tensor:
+        """The peer's eval losses under beam search (Q,): per level, commitment_weight (when > 0) times the mean
+        squared error of that level's residual (unit-normalized for cosine) to its code, averaged over the
+        (masked-in) vectors."""
+        codes = self.get_codes_from_indices(indices)  # (Q, ..., codebook_dim)
+        cosine = self.rq.layer(0).metric == "cosine"
+        residual, errors = h, []
+        for d in range(self.num_quantizers):
+            level_input = F.normalize(residual, dim=-1) if cosine else residual  # what the level compares
+            errors.append((level_input - codes[d]).square().mean(-1))  # (...)
+            residual = residual - codes[d]
+        err = torch.stack(errors, dim=-1)  # (..., Q)
+        weight = self.rq.layer(0).commitment_weight
+        err = err * weight if weight > 0 else err
+        if mask is None:
+            return err.reshape(-1, self.num_quantizers).mean(0)
+        return torch.where(mask[..., None], err, 0.0).reshape(-1, self.num_quantizers).sum(0) / \
+            mask.sum().clamp_min(1e-4)
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Per-level codes (Q, ..., codebook_dim), before project_out; -1 (or missing trailing levels) gives zeros."""
