@@ -7,6 +7,7 @@ from .latent_quantize import LatentQuantizer
 from .fsp import FSP, MomentLoss
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
+from .random_projection import RandomProjectionQuantizer
 from .residual import ResidualQuantizer
 from .simvq import SimVQ
 from .softvq import SoftVQ
@@ -18,4 +19,4 @@ __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs",
            "FSP", "MomentLoss",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep",
-           "SimVQ", "LatentQuantizer"]
+           "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer"]

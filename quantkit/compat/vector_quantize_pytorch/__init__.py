@@ -17,6 +17,7 @@ from .fsp import FSP
 from .fsq import FSQ, ResidualFSQ
 from .latent_quantize import LatentQuantize
 from .lfq import LFQ, ResidualLFQ
+from .random_projection import RandomProjectionQuantizer
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .simvq import ResidualSimVQ, SimVQ
 from .vq import VectorQuantize
@@ -24,4 +25,4 @@ from .vq import VectorQuantize
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
            "UnsupportedKeywordError", "keyword_table_markdown",
            "FSP",
-           "SimVQ", "ResidualSimVQ", "LatentQuantize"]
+           "SimVQ", "ResidualSimVQ", "LatentQuantize", "RandomProjectionQuantizer"]

@@ -50,7 +50,8 @@ class LatentQuantize(nn.Module):
         super().__init__()
         o = parse_options("LatentQuantize", LATENT_QUANTIZE_OPTIONS, kwargs)
         channels = o["codebook_dim"]
-        if isinstance(levels, int) and channels < 1 or not isinstance(levels, int) and channels not in (-1, len(levels)):
+        one_count = isinstance(levels, int)
+        if one_count and channels < 1 or not one_count and channels not in (-1, len(levels)):
             raise ValueError(f"LatentQuantize: codebook_dim={channels} must be > 0 with an int levels, and -1 or "
                              f"len(levels) with a list of levels (got levels={levels!r})")
         self.levels = [levels] * o["codebook_dim"] if isinstance(levels, int) else list(levels)
