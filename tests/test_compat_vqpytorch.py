@@ -191,7 +191,7 @@ def test_forward_keywords_are_the_peers(name):
 @pytest.mark.parametrize("name,keyword,value", [
     ("VectorQuantize", "orthogonal_reg_weight", 10.0), ("VectorQuantize", "straight_through", True),
     ("VectorQuantize", "in_place_codebook_optimizer", torch.optim.SGD),
-    ("ResidualVQ", "implicit_neural_codebook", True), ("FSQ", "noise_dropout", 0.1),
+    ("FSQ", "noise_dropout", 0.1),
     ("LFQ", "orthogonal_rotation", True), ("ResidualLFQ", "soft_clamp_input_value", 1.0),
 ])
 def test_unsupported_keyword_raises_naming_it(name, keyword, value):

@@ -92,3 +92,36 @@ def test_quant_grad_frac_gradient_matches_peer(frac):
 def test_eval_beam_size_without_beam_size_is_refused_as_in_the_peer():
     with pytest.raises(compat.UnsupportedKeywordError, match="eval_beam_size"):
         compat.ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, eval_beam_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# implicit_neural_codebook (QINCo)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(mlp_kwargs=dict(dim_hidden=16, depth=2)),
+                                     dict(codebook_dim=4, codebook_size=(16, 8, 8))], ids=["default", "mlp", "sizes"])
+def test_qinco_matches_peer_in_eval(options):
+    torch.manual_seed(0)
+    options = {"codebook_size": 16, **options}
+    p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, implicit_neural_codebook=True, **options)
+    x = torch.randn(2, 30, 8)
+    _assert_same(p(x, return_all_codes=True), a(x, return_all_codes=True), atol=1e-6)
+    indices = a(x)[1]
+    torch.testing.assert_close(a.get_output_from_indices(indices), p.get_output_from_indices(indices), atol=1e-6,
+                               rtol=0)
+
+
+def test_qinco_training_gradients_of_codebooks_and_mlps_match_peer():
+    torch.manual_seed(0)
+    p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, codebook_size=16, implicit_neural_codebook=True,
+                 mlp_kwargs=dict(dim_hidden=16, depth=2))
+    p.train(), a.train()
+    x = torch.randn(2, 30, 8, requires_grad=True)
+    out_p, out_a = p(x), a(x)
+    assert torch.equal(out_a[1], out_p[1])
+    out_p[2].sum().backward()
+    out_a[2].sum().backward()  # quantkit's learnable-codebook loss has the peer's gradients (its value is twice)
+    for d in range(3):
+        torch.testing.assert_close(a.rq.layer(d).codebook.weight.grad, p.layers[d]._codebook.embed.grad[0])
+    for ours, theirs in zip(a.rq.mlps.parameters(), p.mlps.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from quantkit.quantizers import CodebookStep, EMAConfig, ResidualQuantizer
-from quantkit.quantizers.residual import BeamSearch
+from quantkit.quantizers import residual as residual_module
+from quantkit.quantizers.residual import BeamSearch, ImplicitCodebook
 from quantkit.testing import check_quantizer
 
 CONFIGS = [
@@ -15,6 +16,7 @@ CONFIGS = [
     dict(codebook_size=16, quant_grad_frac=0.5),
     dict(codebook_sizes=(16, 8, 4), beam=BeamSearch(3, eval_width=5, level_weights=(1.0, 2.0, 0.5))),
     dict(codebook_size=16, metric="cosine", beam=BeamSearch(4), layer_scale=0.5),
+    dict(codebook_size=16, ema=None, implicit_codebook=ImplicitCodebook(hidden=16, blocks=2)),
 ]
 
 
@@ -22,7 +24,8 @@ def _rq(**kw):
     return ResidualQuantizer(8, "vq", depth=3, **kw)
 
 
-@pytest.mark.parametrize("kw", CONFIGS, ids=["sizes", "grad_frac", "beam_sizes_weights", "beam_cosine_scale"])
+@pytest.mark.parametrize("kw", CONFIGS, ids=["sizes", "grad_frac", "beam_sizes_weights", "beam_cosine_scale",
+                                                 "qinco"])
 def test_check_quantizer_contract(kw):
     check_quantizer(_rq(**kw), make=lambda: _rq(**kw))
 
@@ -126,3 +129,62 @@ def test_stepping_frozen_leaves_every_level_unchanged_and_is_restored():
     with pytest.raises(ValueError, match="Codebook"):
         with ResidualQuantizer(3, "fsq", depth=2, levels=(5, 4, 3)).stepping(CodebookStep(frozen=True)):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QINCo (ImplicitCodebook)
+
+
+def _qinco(**kw):
+    torch.manual_seed(0)
+    return ResidualQuantizer(4, "vq", depth=3, codebook_sizes=(8, 6, 5), ema=None,
+                             implicit_codebook=ImplicitCodebook(hidden=8, blocks=2), **kw).eval()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_qinco_indices_are_the_float64_nearest_conditioned_codes(metric):
+    q = _qinco(metric=metric).double()
+    x = torch.randn(30, 4, dtype=torch.float64)
+    idx = q.encode(x)
+    total, residual = torch.zeros_like(x), x.clone()
+    for d in range(3):
+        base = q.layer(d).codebook.lookup(torch.arange(q.codebook_sizes[d]))  # (K, 4)
+        if d == 0:
+            codes = base.expand(30, -1, -1)
+        else:  # every vector's own codebook: f_d(partial sum, c_k) for all k
+            codes = torch.stack([q.mlps[d - 1](total, base[k].expand(30, -1)) for k in range(base.shape[0])], 1)
+        if metric == "cosine":
+            score = -(torch.nn.functional.normalize(residual, dim=-1)[:, None] * codes).sum(-1)
+        else:
+            score = (residual[:, None] - codes).square().sum(-1)
+        assert torch.equal(idx[:, d], score.argmin(1)), d
+        chosen = codes[torch.arange(30), idx[:, d]]
+        residual, total = residual - chosen, total + chosen
+    torch.testing.assert_close(q.decode(idx), total)
+    torch.testing.assert_close(q.decode_levels(idx).sum(0), total)
+    assert torch.equal(q(x).indices, idx)
+
+
+def test_qinco_search_in_small_chunks_gives_the_same_indices(monkeypatch):
+    q, x = _qinco(), torch.randn(50, 4)
+    whole = q.encode(x)
+    monkeypatch.setattr(residual_module, "_IMPLICIT_CHUNK_ELEMENTS", 1)  # one vector per chunk
+    assert torch.equal(q.encode(x), whole)
+
+
+def test_qinco_trains_the_codebooks_and_mlps_by_gradient():
+    q = _qinco().train()
+    out = q(torch.randn(40, 4))
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.mlps.parameters())
+    assert all(q.layer(d).codebook.weight.grad.abs().sum() > 0 for d in range(3))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(codebook_size=8), "ema=None"),
+                                      (dict(codebook_size=8, ema=None, beam=BeamSearch(2)), "beam"),
+                                      (dict(codebook_size=8, ema=None, codebook_dim=2), "projection")])
+def test_qinco_refuses_what_it_cannot_do(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ResidualQuantizer(4, "vq", depth=2, implicit_codebook=ImplicitCodebook(), **kw)
+    with pytest.raises(ValueError, match="blocks"):
+        ImplicitCodebook(blocks=-1)

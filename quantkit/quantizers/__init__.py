@@ -8,7 +8,7 @@ from .fsp import FSP, MomentLoss
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
-from .residual import ResidualQuantizer
+from .residual import BeamSearch, ImplicitCodebook, ResidualQuantizer
 from .simvq import SimVQ
 from .softvq import SoftVQ
 from .vq import Sampling, VectorQuantizer
@@ -18,5 +18,5 @@ __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
            "FSP", "MomentLoss",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
-           "CodebookStep",
+           "CodebookStep", "BeamSearch", "ImplicitCodebook",
            "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer"]

@@ -21,6 +21,12 @@ the beam search of additive quantization, Babenko & Lempitsky 2014). Each level'
 top-k search (``VectorQuantizer.nearest``), so nothing of size N x K is built: a step holds N x width x width
 candidates. The search picks the indices; the ordinary stack then quantizes along them (same loss, gradient and
 codebook update as a greedy step, for the chosen codes).
+
+:class:`ImplicitCodebook` (QINCo, Huijben et al. 2024, arXiv:2401.14732): every depth d >= 1 transforms its base
+codes with a residual MLP conditioned on the partial reconstruction, c'_k = f_d(q_0 + ... + q_{d-1}, c_k), so each
+vector is quantized against its own codebook. That search cannot share one codebook across vectors (the fused
+kernel's premise); it runs without gradient over chunks of vectors (peak memory chunk x K x hidden, never N x K x
+dim), and only the chosen code is then recomputed with its graph (N x dim).
 """
 from __future__ import annotations
 
@@ -29,14 +35,57 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._registry import create_quantizer, register_quantizer
 from .base import Quantizer
 from .codebook import Codebook, CodebookStep
 from .gradients import straight_through
+from .vq import masked_mse
 
-__all__ = ["ResidualQuantizer", "BeamSearch"]
+__all__ = ["ResidualQuantizer", "BeamSearch", "ImplicitCodebook"]
+
+#: Elements of one chunk of QINCo's per-vector codebooks (chunk x K x max(dim, hidden)): 16 MiB of float32.
+_IMPLICIT_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class ImplicitCodebook:
+    """QINCo's implicit neural codebooks (arXiv:2401.14732) for depths >= 1: c'_k = f_d(partial sum, c_k), where f_d
+    is Linear(2 dim -> dim) on [partial sum, c_k] followed by ``blocks`` residual blocks x + W2 SiLU(W1 x) of width
+    ``hidden`` (default: dim); unit-normalized for cosine codebooks. Needs gradient-trained VQ levels (``ema=None``)
+    without projection, k-means or a shared codebook.
+    """
+
+    hidden: int | None = None
+    blocks: int = 4
+
+    def __post_init__(self):
+        for name, value in (("hidden", self.hidden), ("blocks", self.blocks)):
+            if value is None and name == "hidden":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "hidden" else 0):
+                raise ValueError(f"ImplicitCodebook: {name} must be a {'positive' if name == 'hidden' else '>= 0'} "
+                                 f"int, got {value!r}")
+
+
+class _CodeMLP(nn.Module):
+    """f(condition, code) of :class:`ImplicitCodebook`; broadcasts, e.g. condition (c, 1, D) with codes (1, K, D)."""
+
+    def __init__(self, dim: int, hidden: int, blocks: int, normalize: bool):
+        super().__init__()
+        self.proj_in = nn.Linear(2 * dim, dim)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+                                     for _ in range(blocks)])
+        self.dim, self.normalize = dim, normalize
+
+    def forward(self, condition: Tensor, codes: Tensor) -> Tensor:
+        w = self.proj_in.weight  # (D, 2D): [condition | code] columns, split so the two terms broadcast
+        x = F.linear(condition, w[:, :self.dim], self.proj_in.bias) + F.linear(codes, w[:, self.dim:])
+        for block in self.layers:
+            x = x + block(x)
+        return F.normalize(x, dim=-1) if self.normalize else x
 
 
 @dataclass(frozen=True)
@@ -138,6 +187,7 @@ class ResidualQuantizer(Quantizer):
             [0, 1]: residuals keep their graph to x, r_{d+1} = r_d - (f q_d + (1 - f) sg(q_d)) (the peer's).
         beam: beam search over residual paths (:class:`BeamSearch`); None: greedy. In training it starts once every
             level's codebook is initialized (k-means).
+        implicit_codebook: QINCo's conditioned codebooks for depths >= 1 (:class:`ImplicitCodebook`); None: off.
         **quantizer_kwargs: the inner quantizer's other keywords (``codebook_size``, ``levels``, ...).
     """
 
@@ -145,7 +195,8 @@ class ResidualQuantizer(Quantizer):
                  quantize_dropout: float = 0.0, min_depth: int = 1, layer_scale: float | Sequence[float] | None = None,
                  commitment_weight: float = 0.0, seed: int | None = None, channel_first: bool = False,
                  input_clamp: float | Sequence[float] | None = None, codebook_sizes: Sequence[int] | None = None,
-                 quant_grad_frac: float | None = None, beam: BeamSearch | None = None, **quantizer_kwargs: Any):
+                 quant_grad_frac: float | None = None, beam: BeamSearch | None = None,
+                 implicit_codebook: ImplicitCodebook | None = None, **quantizer_kwargs: Any):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"ResidualQuantizer: depth must be an int >= 1, got {depth!r}")
         if not 0.0 <= quantize_dropout <= 1.0:
@@ -199,6 +250,8 @@ class ResidualQuantizer(Quantizer):
         self.commitment_weight = float(commitment_weight)
         self._generator: torch.Generator | None = None
         self._seed = seed
+        self.implicit_codebook = implicit_codebook
+        self.mlps = self._implicit_mlps(implicit_codebook) if implicit_codebook is not None else None
 
     @property
     def num_indices(self) -> int:
@@ -288,6 +341,56 @@ class ResidualQuantizer(Quantizer):
             paths = torch.cat([parents, idx.reshape(n, b * k).gather(1, pick)[..., None]], dim=2)
         return paths[:, 0]  # (N, depth)
 
+    def _implicit_mlps(self, cfg: ImplicitCodebook) -> nn.ModuleList:
+        if not isinstance(cfg, ImplicitCodebook):
+            raise ValueError(f"ResidualQuantizer: implicit_codebook must be an ImplicitCodebook or None, "
+                             f"got {type(cfg).__name__}")
+        first = self.layers[0]
+        codebook = getattr(first, "codebook", None)
+        if not hasattr(first, "_candidates") or first.heads != 1 or first.codebook_dim != self.dim:
+            raise ValueError("ResidualQuantizer: implicit_codebook needs VectorQuantizer levels without projection")
+        if codebook.ema is not None or codebook.kmeans_init is not None or self.shared_codebook or self.beam:
+            raise ValueError("ResidualQuantizer: implicit_codebook needs gradient-trained codebooks (ema=None), "
+                             "without kmeans_init, shared_codebook or beam search")
+        hidden = cfg.hidden or self.dim
+        return nn.ModuleList([_CodeMLP(self.dim, hidden, cfg.blocks, first.metric == "cosine")
+                              for _ in range(self.depth - 1)])
+
+    @torch.no_grad()
+    def _implicit_search(self, d: int, h: Tensor, condition: Tensor) -> Tensor:
+        """Indices (N,) of the nearest conditioned code of depth d >= 1 for h (N, dim), in chunks of vectors."""
+        mlp, base = self.mlps[d - 1], self.layer(d).codebook.lookup(
+            torch.arange(self.codebook_sizes[d], device=h.device)).to(h.dtype)  # (K, dim)
+        width = max(self.dim, mlp.layers[0][0].out_features if len(mlp.layers) else self.dim)
+        chunk = max(1, _IMPLICIT_CHUNK_ELEMENTS // (base.shape[0] * width))
+        cosine = self.layer(d).metric == "cosine"
+        out = []
+        for start in range(0, h.shape[0], chunk):
+            codes = mlp(condition[start:start + chunk, None], base[None])  # (c, K, dim)
+            rows = h[start:start + chunk, None]  # (c, 1, dim)
+            score = -(F.normalize(rows, dim=-1) * codes).sum(-1) if cosine else (rows - codes).square().sum(-1)
+            out.append(score.argmin(dim=1))  # (c,)
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.int64)
+
+    def _implicit_codes(self, d: int, indices: Tensor, condition: Tensor) -> Tensor:
+        """The conditioned codes (N, dim) of indices (N,) at depth d >= 1, with their graph."""
+        return self.mlps[d - 1](condition, self.layer(d).codebook.lookup(indices).to(condition.dtype))
+
+    def _implicit_level(self, d: int, h: Tensor, condition: Tensor, mask: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """Depth d >= 1 of a QINCo stack, as a VectorQuantizer level would do it with a per-vector codebook."""
+        layer = self.layer(d)
+        h = layer._to_codes_space(h)  # normalized for cosine
+        indices = self._implicit_search(d, h.detach(), condition.detach())  # (N,)
+        codes = self._implicit_codes(d, indices, condition)  # (N, dim): grad to codes, MLP and condition
+        weight = None if mask is None else mask.to(h.dtype)
+        loss = layer.commitment_weight * masked_mse(h, codes.detach(), weight) + \
+            layer.codebook_weight * masked_mse(h.detach(), codes, weight)
+        if self.training:
+            layer.codebook.update(h.detach() if mask is None else h.detach()[mask],
+                                  indices if mask is None else indices[mask])
+        return layer._estimate(h, codes, mask), indices, loss
+
     def beam_width(self) -> int:
         """Paths the beam search keeps in this call (1: greedy). Training waits for every codebook's k-means."""
         width = 1 if self.beam is None else self.beam.width_for(self.training)
@@ -308,7 +411,9 @@ class ResidualQuantizer(Quantizer):
             active = None if kept is None else kept > d  # (N,)
             layer_mask = active if mask is None else (mask if active is None else mask & active)
             s = self.depth_scale(d, z)
-            if paths is None:
+            if self.mlps is not None and d > 0:
+                q, idx, layer_loss = self._implicit_level(d, _div(residual, s), total, layer_mask)
+            elif paths is None:
                 q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask)
             else:
                 q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask, indices=paths[:, d])
@@ -339,25 +444,49 @@ class ResidualQuantizer(Quantizer):
         if width > 1:
             return self._beam_paths(self._clamp_input(z), width)
         residual, indices = self._clamp_input(z), []
+        total = torch.zeros_like(z)  # the partial reconstruction (QINCo's condition)
         for d in range(self.depth):
             s = self.depth_scale(d, z)
             layer = self.layer(d)
-            idx = layer._encode(_div(residual, s))
-            q = layer._decode(idx).to(z.dtype)
+            if self.mlps is not None and d > 0:
+                idx = self._implicit_search(d, layer._to_codes_space(_div(residual, s)), total)
+                q = self._implicit_codes(d, idx, total)
+            else:
+                idx = layer._encode(_div(residual, s))
+                q = layer._decode(idx).to(z.dtype)
             residual = residual - _mul(q, s)
+            total = total + _mul(q, s)
             indices.append(idx)
         return torch.stack(indices, dim=-1)  # (N, depth)
 
-    def _decode(self, indices: Tensor) -> Tensor:
-        """(N, d') with 1 <= d' <= depth -> (N, dim): the sum of the first d' levels (-1 entries add nothing)."""
-        out = None
+    def _decode_levels(self, indices: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(N, d') with 1 <= d' <= depth -> (each level's value (N, dim), in order (-1 entries give zeros), their
+        sum accumulated in that order)."""
+        levels, out = [], None
         for d in range(indices.shape[1]):
             idx = indices[:, d]
-            q = self.layer(d)._decode(idx.clamp_min(0))
+            if self.mlps is not None and d > 0:
+                q = self._implicit_codes(d, idx.clamp_min(0), out)
+            else:
+                q = self.layer(d)._decode(idx.clamp_min(0))
             q = _mul(q, self.depth_scale(d, q))
             q = torch.where((idx >= 0)[:, None], q, 0.0)
+            levels.append(q)
             out = q if out is None else out + q
-        return out
+        return levels, out
+
+    def _decode(self, indices: Tensor) -> Tensor:
+        """(N, d') with 1 <= d' <= depth -> (N, dim): the sum of the first d' levels (-1 entries add nothing)."""
+        return self._decode_levels(indices)[1]
+
+    def decode_levels(self, indices: Tensor) -> Tensor:
+        """indices (..., d') -> every level's value (d', ..., dim) (channels-last; -1 gives zeros); their sum is
+        ``decode``. With implicit codebooks a level's value depends on the earlier ones."""
+        if indices.dtype != torch.int64:
+            raise ValueError(f"ResidualQuantizer: indices must be int64, got {indices.dtype}")
+        self._check_indices(indices)
+        levels, _ = self._decode_levels(indices.reshape(-1, indices.shape[-1]))
+        return torch.stack(levels).reshape(indices.shape[-1], *indices.shape[:-1], self.dim)
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (..., d') with 1 <= d' <= depth -> the sum of the first d' levels, in x's layout (float32)."""

@@ -20,8 +20,8 @@ from contextlib import nullcontext
 
 from ...quantizers import CodebookStep, ResidualQuantizer
 from ...quantizers.gradients import straight_through
-from ...quantizers.residual import BeamSearch
-from ._common import (REQUIRED, Option, apply_padding, decode_with_sentinel, from_channels_last, load_codebook,
+from ...quantizers.residual import BeamSearch, ImplicitCodebook
+from ._common import (REQUIRED, Option, apply_padding, from_channels_last, load_codebook,
                       load_projections, only_default, parse_options, reject_call, set_signature, swapped,
                       to_channels_last)
 from .vq import VQ_OPTIONS, sampling_temperature, vq_core_kwargs
@@ -43,9 +43,11 @@ _RVQ_OWN: dict[str, Option] = {
     "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
     "accept_image_fmap": Option(False, "adapter layout: (B, C, H, W) in and out, indices (B, H, W, Q) "
                                        "(crashes in the peer)"),
-    "implicit_neural_codebook": Option(False, _NS, only_default(False), "no QINCo in quantkit"),
-    "mlp_kwargs": Option({}, "no effect without `implicit_neural_codebook` (as in the peer)",
-                         lambda v, vals: not vals["implicit_neural_codebook"] or v == {}),
+    "implicit_neural_codebook": Option(False, "`ResidualQuantizer(implicit_codebook=ImplicitCodebook(...))` (QINCo, "
+                                              "arXiv:2401.14732): gradient-trained levels, as in the peer"),
+    "mlp_kwargs": Option({}, "`ImplicitCodebook(hidden=dim_hidden, blocks=depth)`",
+                         lambda v, _: isinstance(v, dict) and set(v) <= {"dim_hidden", "depth"},
+                         "only dim_hidden and depth (the peer sets l2norm_output itself)"),
     "beam_size": Option(None, "`ResidualQuantizer(beam=BeamSearch(width=...))`: beam search over residual paths on "
                               "the fused top-k search (no N x K)"),
     "eval_beam_size": Option(None, "`BeamSearch(eval_width=...)` (None: beam_size)",
@@ -105,6 +107,11 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and depth > 1
+        implicit = None
+        if o["implicit_neural_codebook"]:  # the peer trains QINCo's codebooks by gradient
+            o = {**o, "learnable_codebook": True, "ema_update": False}
+            implicit = ImplicitCodebook(hidden=o["mlp_kwargs"].get("dim_hidden"),
+                                        blocks=o["mlp_kwargs"].get("depth", 4))
         core = vq_core_kwargs(o, self.codebook_dim)
         commitment = core.pop("commitment_weight")
         size = dict(codebook_size=self.codebook_size) if self.uniform_codebook_size else \
@@ -114,7 +121,8 @@ class ResidualVQ(nn.Module):
         self.rq = ResidualQuantizer(self.codebook_dim, "vq", depth=depth, shared_codebook=o["shared_codebook"],
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, depth),
-                                    quant_grad_frac=float(o["quant_grad_frac"]) or None, beam=beam, **size, **core)
+                                    quant_grad_frac=float(o["quant_grad_frac"]) or None, beam=beam,
+                                    implicit_codebook=implicit, **size, **core)
         for layer in self.rq.layers:
             # ResidualQuantizer's own commitment_weight (RQ-VAE's partial-sum term, off here) shadows the levels'
             # keyword of that name: the peer's per-level commitment is set on each level.
@@ -194,13 +202,11 @@ class ResidualVQ(nn.Module):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Per-level codes (Q, ..., codebook_dim), before project_out; -1 (or missing trailing levels) gives zeros."""
-        codes = []
-        for d in range(self.num_quantizers):
-            if d < indices.shape[-1]:
-                codes.append(decode_with_sentinel(self.rq.layer(d).decode, indices[..., d]))
-            else:
-                codes.append(torch.zeros(*indices.shape[:-1], self.codebook_dim, device=indices.device))
-        return torch.stack(codes)
+        levels = self.rq.decode_levels(indices.long())  # (Q', ..., codebook_dim), -1 gives zeros
+        missing = self.num_quantizers - levels.shape[0]
+        if missing:
+            levels = torch.cat([levels, levels.new_zeros(missing, *levels.shape[1:])])
+        return levels
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """The output for indices (..., Q') with Q' <= Q levels, in forward's layout."""
@@ -213,6 +219,8 @@ class ResidualVQ(nn.Module):
         load_projections(self, state, prefix)
         for d, layer in enumerate(self.rq.layers):
             load_codebook(layer.codebook, state, f"{prefix}layers.{d}._codebook")
+        for d, mlp in enumerate(self.rq.mlps or ()):  # QINCo's per-depth MLPs: the same parameter names
+            mlp.load_state_dict({name: state[f"{prefix}mlps.{d}.{name}"] for name in mlp.state_dict()})
         return self
 
 
