@@ -33,9 +33,10 @@ def test_residual_vq_and_all_codes():
     assert all_codes.shape == (8, 1, N, 256)
 
 
-def test_residual_vq_diveq_is_refused_by_name():
-    with pytest.raises(UnsupportedKeywordError, match="diveq"):
-        ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024, diveq=True)
+def test_residual_vq_diveq():
+    residual_vq = ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024, diveq=True)
+    quantized, indices, commit_loss = residual_vq(torch.randn(1, 1024, 256))
+    assert (quantized.shape, indices.shape, commit_loss.shape) == ((1, 1024, 256), (1, 1024, 8), (8,))
 
 
 def test_residual_vq_shared_codebook_stochastic_sampling():

@@ -125,3 +125,30 @@ def test_qinco_training_gradients_of_codebooks_and_mlps_match_peer():
         torch.testing.assert_close(a.rq.layer(d).codebook.weight.grad, p.layers[d]._codebook.embed.grad[0])
     for ours, theirs in zip(a.rq.mlps.parameters(), p.mlps.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diveq
+
+
+@pytest.mark.parametrize("options", [dict(), dict(codebook_dim=4)], ids=["default", "projection"])
+def test_diveq_training_step_equals_peer_with_the_same_noise(options):
+    torch.manual_seed(0)
+    p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, codebook_size=16, diveq=True, **options)
+    x = torch.randn(2, 30, 8)
+    assert torch.equal(a(x)[1], p(x)[1])  # eval: the same indices; quantkit's eval output is the codes, no noise
+    torch.testing.assert_close(a(x)[0], a.get_output_from_indices(a(x)[1]))
+    p.train(), a.train()
+    xp, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(2, 30, 8)
+    torch.manual_seed(3)
+    out_p = p(xp)
+    torch.manual_seed(3)  # the direction noise comes from the global RNG, drawn in the same order on both sides
+    out_a = a(xa)
+    _assert_same([t.detach() for t in out_p], [t.detach() for t in out_a], atol=1e-6)
+    (out_p[0] * g).sum().backward()
+    (out_a[0] * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xp.grad, atol=1e-6, rtol=1e-5)
+    for d in range(3):
+        torch.testing.assert_close(a.rq.layer(d).codebook.weight.grad, p.layers[d]._codebook.embed.grad[0],
+                                   atol=1e-6, rtol=1e-5)

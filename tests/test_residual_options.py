@@ -17,6 +17,7 @@ CONFIGS = [
     dict(codebook_sizes=(16, 8, 4), beam=BeamSearch(3, eval_width=5, level_weights=(1.0, 2.0, 0.5))),
     dict(codebook_size=16, metric="cosine", beam=BeamSearch(4), layer_scale=0.5),
     dict(codebook_size=16, ema=None, implicit_codebook=ImplicitCodebook(hidden=16, blocks=2)),
+    dict(codebook_size=16, ema=None, diveq=1e-3),
 ]
 
 
@@ -25,7 +26,7 @@ def _rq(**kw):
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=["sizes", "grad_frac", "beam_sizes_weights", "beam_cosine_scale",
-                                                 "qinco"])
+                                                 "qinco", "diveq"])
 def test_check_quantizer_contract(kw):
     check_quantizer(_rq(**kw), make=lambda: _rq(**kw))
 
@@ -188,3 +189,24 @@ def test_qinco_refuses_what_it_cannot_do(kw, match):
         ResidualQuantizer(4, "vq", depth=2, implicit_codebook=ImplicitCodebook(), **kw)
     with pytest.raises(ValueError, match="blocks"):
         ImplicitCodebook(blocks=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiVeQ over the stack
+
+
+def test_stack_diveq_without_noise_outputs_the_code_sum_and_trains_every_codebook():
+    torch.manual_seed(0)
+    q = _rq(codebook_size=16, ema=None, diveq=0.0).double().train()
+    x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    out = q(x)
+    torch.testing.assert_close(out.quantized, q.decode(out.indices))
+    g = torch.randn(20, 8, dtype=torch.float64)
+    (out.quantized * g).sum().backward()
+    u = torch.nn.functional.normalize(out.quantized.detach() - x.detach(), dim=-1)  # the error direction
+    torch.testing.assert_close(x.grad, g - u * (u * g).sum(-1, keepdim=True))  # DiVeQ's closed form
+    assert all(q.layer(d).codebook.weight.grad.abs().sum() > 0 for d in range(3))
+    with pytest.raises(ValueError, match="gradient-trained"):
+        _rq(codebook_size=16, diveq=1e-3)
+    with pytest.raises(ValueError, match="quant_grad_frac"):
+        _rq(codebook_size=16, ema=None, diveq=1e-3, quant_grad_frac=0.5)

@@ -24,7 +24,12 @@ codebook update as a greedy step, for the chosen codes).
 
 :class:`ImplicitCodebook` (QINCo, Huijben et al. 2024, arXiv:2401.14732): every depth d >= 1 transforms its base
 codes with a residual MLP conditioned on the partial reconstruction, c'_k = f_d(q_0 + ... + q_{d-1}, c_k), so each
-vector is quantized against its own codebook. That search cannot share one codebook across vectors (the fused
+vector is quantized against its own codebook.
+
+``diveq`` (a noise variance) applies DiVeQ (openreview.net/forum?id=KRVnpTbx7R) to the whole stack, as
+vector-quantize-pytorch's ``ResidualVQ(diveq=True)`` does: the levels' raw codes (carrying their codebooks'
+gradients) are summed along residuals that keep that gradient, and in training the output is
+z + ||sum - z|| * sg(unit(sum - z + noise)). That search cannot share one codebook across vectors (the fused
 kernel's premise); it runs without gradient over chunks of vectors (peak memory chunk x K x hidden, never N x K x
 dim), and only the chosen code is then recomputed with its graph (N x dim).
 """
@@ -42,7 +47,7 @@ from ._registry import create_quantizer, register_quantizer
 from .base import Quantizer
 from .codebook import Codebook, CodebookStep
 from .gradients import straight_through
-from .vq import masked_mse
+from .vq import directional_reparam, masked_mse
 
 __all__ = ["ResidualQuantizer", "BeamSearch", "ImplicitCodebook"]
 
@@ -188,6 +193,8 @@ class ResidualQuantizer(Quantizer):
         beam: beam search over residual paths (:class:`BeamSearch`); None: greedy. In training it starts once every
             level's codebook is initialized (k-means).
         implicit_codebook: QINCo's conditioned codebooks for depths >= 1 (:class:`ImplicitCodebook`); None: off.
+        diveq: DiVeQ over the whole stack, with this direction-noise variance (>= 0); needs gradient-trained
+            codebooks (``ema=None``). None: off. (The levels' own ``diveq_variance`` is VectorQuantizer's.)
         **quantizer_kwargs: the inner quantizer's other keywords (``codebook_size``, ``levels``, ...).
     """
 
@@ -196,7 +203,8 @@ class ResidualQuantizer(Quantizer):
                  commitment_weight: float = 0.0, seed: int | None = None, channel_first: bool = False,
                  input_clamp: float | Sequence[float] | None = None, codebook_sizes: Sequence[int] | None = None,
                  quant_grad_frac: float | None = None, beam: BeamSearch | None = None,
-                 implicit_codebook: ImplicitCodebook | None = None, **quantizer_kwargs: Any):
+                 implicit_codebook: ImplicitCodebook | None = None, diveq: float | None = None,
+                 **quantizer_kwargs: Any):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"ResidualQuantizer: depth must be an int >= 1, got {depth!r}")
         if not 0.0 <= quantize_dropout <= 1.0:
@@ -252,6 +260,9 @@ class ResidualQuantizer(Quantizer):
         self._seed = seed
         self.implicit_codebook = implicit_codebook
         self.mlps = self._implicit_mlps(implicit_codebook) if implicit_codebook is not None else None
+        self.diveq = self._check_diveq(diveq)
+        if self.diveq is not None:
+            self.quant_grad_frac, self.identity_gradient = 1.0, False  # codes' gradients flow along the residuals
 
     @property
     def num_indices(self) -> int:
@@ -356,6 +367,21 @@ class ResidualQuantizer(Quantizer):
         return nn.ModuleList([_CodeMLP(self.dim, hidden, cfg.blocks, first.metric == "cosine")
                               for _ in range(self.depth - 1)])
 
+    def _check_diveq(self, variance: float | None) -> float | None:
+        if variance is None:
+            return None
+        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 <= variance < float("inf"):
+            raise ValueError(f"ResidualQuantizer: diveq must be None or a noise variance >= 0, "
+                             f"got {variance!r}")
+        codebook = getattr(self.layers[0], "codebook", None)
+        if not isinstance(codebook, Codebook) or codebook.ema is not None:
+            raise ValueError("ResidualQuantizer: diveq needs levels with gradient-trained codebooks "
+                             "(VectorQuantizer with ema=None)")
+        if self.quant_grad_frac not in (None, 1.0):
+            raise ValueError("ResidualQuantizer: diveq sets quant_grad_frac to 1 (the codes' gradients flow "
+                             "along the residuals); leave quant_grad_frac unset")
+        return float(variance)
+
     @torch.no_grad()
     def _implicit_search(self, d: int, h: Tensor, condition: Tensor) -> Tensor:
         """Indices (N,) of the nearest conditioned code of depth d >= 1 for h (N, dim), in chunks of vectors."""
@@ -417,6 +443,8 @@ class ResidualQuantizer(Quantizer):
                 q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask)
             else:
                 q, idx, layer_loss = self.layer(d)._quantize(_div(residual, s), layer_mask, indices=paths[:, d])
+            if self.diveq is not None:  # the raw code, carrying its codebook's gradient
+                q = self.layer(d)._decode(idx)
             q = _mul(q, s)
             if active is not None:
                 q = torch.where(active[:, None], q, 0.0)
@@ -437,6 +465,8 @@ class ResidualQuantizer(Quantizer):
                 commit = commit + err.sum() / max(err.shape[0], 1)  # zero, not NaN, for an empty batch
         if self.commitment_weight:
             loss = loss + self.commitment_weight * commit / self.depth
+        if self.diveq is not None and self.training:
+            total = directional_reparam(z, total, self.diveq, mask)
         return total, torch.stack(indices, dim=-1), loss  # (N, dim), (N, depth), ()
 
     def _encode(self, z: Tensor) -> Tensor:

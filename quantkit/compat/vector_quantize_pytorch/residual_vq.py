@@ -35,7 +35,8 @@ _RVQ_OWN: dict[str, Option] = {
     "num_quantizers": Option(None, "`ResidualQuantizer(depth=...)` (None: len(codebook_size) for a tuple)"),
     "codebook_dim": Option(None, "the adapter's `project_in`/`project_out` around the stack"),
     "shared_codebook": Option(False, "`ResidualQuantizer(shared_codebook=True)`"),
-    "diveq": Option(False, _NS, only_default(False), "no DiVeQ estimator in quantkit"),
+    "diveq": Option(False, "`ResidualQuantizer(diveq=5e-3)` over gradient-trained levels (DiVeQ on the "
+                           "whole stack, as in the peer; applied in training only, the peer also in eval)"),
     "heads": Option(1, "must be 1 (as in the peer)", only_default(1), "residual VQ has one head"),
     "quantize_dropout": Option(False, "`ResidualQuantizer(quantize_dropout=1.0)`: every training vector keeps a random "
                                       "prefix of levels (the peer draws one prefix per batch)"),
@@ -108,8 +109,11 @@ class ResidualVQ(nn.Module):
         self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
         dropout = bool(o["quantize_dropout"]) and depth > 1
         implicit = None
-        if o["implicit_neural_codebook"]:  # the peer trains QINCo's codebooks by gradient
+        if o["implicit_neural_codebook"] or o["diveq"]:  # the peer trains these codebooks by gradient
             o = {**o, "learnable_codebook": True, "ema_update": False}
+        if o["diveq"]:  # no per-level commitment; the codes learn through the stack's DiVeQ output
+            o = {**o, "commitment_weight": 0.0}
+        if o["implicit_neural_codebook"]:
             implicit = ImplicitCodebook(hidden=o["mlp_kwargs"].get("dim_hidden"),
                                         blocks=o["mlp_kwargs"].get("depth", 4))
         core = vq_core_kwargs(o, self.codebook_dim)
@@ -122,7 +126,8 @@ class ResidualVQ(nn.Module):
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, depth),
                                     quant_grad_frac=float(o["quant_grad_frac"]) or None, beam=beam,
-                                    implicit_codebook=implicit, **size, **core)
+                                    implicit_codebook=implicit, diveq=5e-3 if o["diveq"] else None,
+                                    **size, **core)
         for layer in self.rq.layers:
             # ResidualQuantizer's own commitment_weight (RQ-VAE's partial-sum term, off here) shadows the levels'
             # keyword of that name: the peer's per-level commitment is set on each level.
