@@ -52,3 +52,19 @@ def kernel_for(op: str, device_type: str) -> str:
     """Which implementation runs for ``op`` on ``device_type``: "fused CPU", "fused CUDA" or "reference"."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return f"fused {key}" if has_kernel(op, key) else "reference"
+
+
+#: QUANTKIT_CPU_ISA values and the kernels' answer (quantkit::cpu_isa) in words.
+_ISA_NAMES = {2: "avx512", 1: "avx2", 0: "scalar"}
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with now: "avx512", "avx2" or "scalar" (the portable build), the best
+    this CPU has unless ``QUANTKIT_CPU_ISA`` caps it; "reference" when the extension is not loaded."""
+    if LIBRARY_PATH is None:
+        return "reference"
+    try:
+        return _ISA_NAMES[int(torch.ops.quantkit.cpu_isa())]
+    except RuntimeError as error:  # an unknown QUANTKIT_CPU_ISA value, named by the kernel
+        message = str(error).splitlines()[0]
+        raise ValueError(message[message.find("QUANTKIT_CPU_ISA"):]) from None

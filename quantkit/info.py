@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 import torch
@@ -9,6 +10,16 @@ import torch
 from . import __version__, _ext
 
 OPS = ("nearest_codeword", "soft_assign", "soft_assign_backward")
+
+
+def _isa_line() -> str:
+    try:
+        isa = _ext.cpu_isa()
+    except ValueError as error:
+        return f"invalid request ({error})"
+    cap = os.getenv("QUANTKIT_CPU_ISA")
+    return isa + (f" (capped by QUANTKIT_CPU_ISA={cap})" if cap else " (the best this CPU has; "
+                  "QUANTKIT_CPU_ISA=avx512|avx2|scalar caps it)")
 
 
 def report() -> str:
@@ -19,6 +30,7 @@ def report() -> str:
         f"python {platform.python_version()} on {platform.machine()}",
         f"extension: {_ext.LIBRARY_PATH or 'not loaded: ' + str(_ext.LOAD_ERROR)}",
         f"threads: torch.get_num_threads() = {torch.get_num_threads()}",
+        f"CPU kernels' instruction set: {_isa_line()}",
         "",
         f"{'op':<22} {'CPU kernel built':<17} {'CUDA kernel built':<18} {'runs on cpu':<12} runs on cuda",
     ]

@@ -47,8 +47,10 @@ def _torch_minor() -> tuple[int, int]:
 _KERNEL_ERRORS_RAISE = _torch_minor() >= (2, 13)
 
 _lib = torch.library.Library("quantkit", "DEF")
-_lib.define("nearest_codeword(Tensor z, Tensor codebook, int metric, int k) -> (Tensor indices, Tensor distances)")
+_lib.define("nearest_codeword(Tensor z, Tensor codebook, int metric, int k, Tensor? centre=None) -> "
+            "(Tensor indices, Tensor distances)")
 _lib.define("soft_assign(Tensor z, Tensor codebook, Tensor temperature, int metric) -> (Tensor out, Tensor lse)")
+_lib.define("cpu_isa() -> int")  # the CPU kernels' instruction set: 2 AVX-512, 1 AVX2 + FMA, 0 portable
 _lib.define(
     "soft_assign_backward(Tensor grad_out, Tensor z, Tensor codebook, Tensor temperature, Tensor out, Tensor lse,"
     " int metric) -> (Tensor grad_z, Tensor grad_codebook, Tensor grad_temperature)"
@@ -130,12 +132,14 @@ def _row_chunk(num_codes: int) -> int:
 _CENTRE_SAMPLES = 256  # codewords, at evenly spaced indices, whose mean is the frame's centre
 
 
-def _codebook_centre(codebook: Tensor, op: str = "nearest_codeword") -> Tensor:
-    """(D,) float64 mean of up to 256 codewords at evenly spaced indices (any point near the data would do)."""
+def _codebook_centre(codebook: Tensor, op: str = "nearest_codeword", unit: bool = False) -> Tensor:
+    """(D,) float64 mean of up to 256 codewords at evenly spaced indices (any point near the data would do); with
+    ``unit`` the mean of those codewords scaled to unit norm (the centre of the cosine frame)."""
     num = codebook.shape[0]
     take = min(num, _CENTRE_SAMPLES)
     picks = torch.arange(take, device=codebook.device) * num // take
-    centre = codebook.detach()[picks].double().mean(0)
+    rows = codebook.detach()[picks].double()
+    centre = (_unit_rows(rows) if unit else rows).mean(0)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(centre).all()):
         raise ValueError(f"{op}: codebook contains NaN or inf; quantkit rejects non-finite inputs")
     return centre
@@ -147,18 +151,27 @@ def _unit_rows(t: Tensor) -> Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
 
 
-def _cosine_frame(z: Tensor, codebook: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(N, D+1), (K, D+1) in ``acc`` whose dot product ranks like cosine similarity, centred on the unit sphere.
+def _ranking_frame(z: Tensor, codebook: Tensor, metric: int, centre: Tensor | None, acc: torch.dtype):
+    """(z', c', bias, scale): the score (z'.c') * scale + bias ranks like -distance (larger is nearer).
 
-    With u = z/|z|, v = c/|c| and centre m of the v: u.v = (u - m).(v - m) + m.(v - m) + (a per-row constant),
-    so the per-code term m.(v - m) rides in one extra column against a column of ones.
+    Without a centre (or for dot) z' and c' are the inputs; l2 moves both by -m; cosine scales both to unit norm and
+    then moves them by -m: with u = z/|z|, v = c/|c|, u.v = (u - m).(v - m) + m.(v - m) + (a per-row constant), so
+    the per-code term m.(v - m) is the bias. Each moved value is computed in float64 and rounded once to ``acc``.
+    (The CPU kernel applies the same frame while it packs its tiles, without these copies.)
     """
-    u, v = _unit_rows(z.detach()), _unit_rows(codebook.detach())
-    m = _codebook_centre(v)
-    v = v - m
-    z_frame = torch.cat([u - m, u.new_ones(u.shape[0], 1)], dim=1)
-    c_frame = torch.cat([v, (v @ m)[:, None]], dim=1)
-    return z_frame.to(acc), c_frame.to(acc)
+    if centre is None or metric == _DOT:
+        zf, cf = z.to(acc), codebook.to(acc)
+        if metric == _L2:
+            return zf, cf, -0.5 * cf.square().sum(-1), None
+        if metric == _COSINE:
+            return zf, cf, None, 1.0 / cf.norm(dim=-1).clamp_min(_COSINE_EPS)
+        return zf, cf, None, None
+    m = centre.double()
+    if metric == _L2:
+        zf, cf = (z.double() - m).to(acc), (codebook.double() - m).to(acc)
+        return zf, cf, (-0.5 * cf.double().square().sum(-1)).to(acc), None
+    zf, cf = (_unit_rows(z) - m).to(acc), (_unit_rows(codebook) - m).to(acc)
+    return zf, cf, (cf.double() @ m).to(acc), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,53 +189,54 @@ def _codeword_distance(z: Tensor, codes: Tensor, metric: int) -> Tensor:
     return 1.0 - dot / norms
 
 
-def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int) -> tuple[Tensor, Tensor]:
+def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int,
+                               centre: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch reference of ``quantkit::nearest_codeword``: (indices (N, k) int64, distances (N, k)).
 
-    Ranks by the expanded distance one row chunk at a time (ties: lowest index, via a stable sort), then recomputes
-    the returned distances directly so they are never negative.
+    Ranks by the expanded form in the frame ``centre`` defines (see :func:`_ranking_frame`) one row chunk at a time
+    (ties: lowest index, via a stable sort), then measures the chosen codewords directly from z and the codebook,
+    (in float64) so the distances do not depend on the frame and l2 distances are never negative.
     """
     _check_finite("nearest_codeword", "z", z)
     _check_finite("nearest_codeword", "codebook", codebook)
     acc = _compute_dtype(z.dtype)
+    zr, cr, bias, scale = _ranking_frame(z.detach(), codebook.detach(), metric, centre, acc)
     zf, cf = z.to(acc), codebook.to(acc)
     n = zf.shape[0]
     indices = torch.empty(n, k, dtype=torch.int64, device=z.device)
     distances = torch.empty(n, k, dtype=acc, device=z.device)
-    if metric == _L2:
-        half_sq_norm = 0.5 * cf.square().sum(-1)  # (K,)
-    elif metric == _COSINE:
-        inv_norm = 1.0 / cf.norm(dim=-1).clamp_min(_COSINE_EPS)  # (K,)
-    for start in range(0, n, _row_chunk(cf.shape[0])):
-        rows = zf[start:start + _row_chunk(cf.shape[0])]  # (n, D)
-        score = rows @ cf.T  # (n, K): larger is nearer
-        if metric == _L2:
-            score -= half_sq_norm
-        elif metric == _COSINE:
-            score *= inv_norm
+    step = _row_chunk(cf.shape[0])
+    for start in range(0, n, step):
+        score = zr[start:start + step] @ cr.T  # (n, K): larger is nearer
+        if scale is not None:
+            score *= scale
+        if bias is not None:
+            score += bias
         if k == 1:  # argmax returns the first maximum: ties go to the lowest index
             order = score.argmax(dim=1, keepdim=True)  # (n, 1)
         else:
             order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (n, k)
-        indices[start:start + rows.shape[0]] = order
-        distances[start:start + rows.shape[0]] = _codeword_distance(rows, cf[order], metric)
+        indices[start:start + step] = order
+        # measured in float64, as the kernel does: 1 - cos cancels in float32 for near-parallel vectors
+        distances[start:start + step] = _codeword_distance(zf[start:start + step].double(), cf[order].double(),
+                                                           metric).to(acc)
     return indices, distances.float() if acc == torch.float32 else distances
 
 
 @torch.library.impl(_lib, "nearest_codeword", "CompositeExplicitAutograd")
-def _nearest_codeword_composite(z, codebook, metric, k):
-    return nearest_codeword_reference(z, codebook, metric, k)
+def _nearest_codeword_composite(z, codebook, metric, k, centre=None):
+    return nearest_codeword_reference(z, codebook, metric, k, centre)
 
 
 @torch.library.register_fake("quantkit::nearest_codeword")
-def _nearest_codeword_fake(z, codebook, metric, k):
+def _nearest_codeword_fake(z, codebook, metric, k, centre=None):
     torch._check(z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1])
     out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     return z.new_empty((z.shape[0], k), dtype=torch.int64), z.new_empty((z.shape[0], k), dtype=out_dtype)
 
 
 def _nearest_codeword_setup_context(ctx, inputs, output):
-    z, codebook, metric, _ = inputs
+    z, codebook, metric = inputs[:3]
     ctx.metric = metric
     ctx.save_for_backward(z, codebook, output[0])
 
@@ -252,7 +266,7 @@ def _nearest_codeword_backward(ctx, grad_indices, grad_distances):
         grad_codebook = torch.zeros_like(cf).index_add_(0, indices.reshape(-1),
                                                          (g.unsqueeze(-1) * grad_c_k).reshape(-1, cf.shape[1]))
         grad_codebook = grad_codebook.to(codebook.dtype)
-    return grad_z, grad_codebook, None, None
+    return grad_z, grad_codebook, None, None, None
 
 
 torch.library.register_autograd("quantkit::nearest_codeword", _nearest_codeword_backward,
@@ -292,17 +306,22 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
     if _values_checked_in_python():
         _check_finite("nearest_codeword", "z", z)
         _check_finite("nearest_codeword", "codebook", codebook)
-    acc = _compute_dtype(_common_dtype(z, codebook))
-    if code == _COSINE:  # rank in the centred unit-sphere frame, then measure the chosen codes directly
-        z_frame, c_frame = _cosine_frame(z, codebook, acc)
-        indices, _ = torch.ops.quantkit.nearest_codeword.default(z_frame, c_frame, _DOT, k)
-        distances = _codeword_distance(z.double(), codebook[indices].double(), _COSINE).to(acc)
-    elif code == _L2:  # the codebook-centred frame: the same distances, without the offset's cancellation
-        centre = _codebook_centre(codebook).to(acc)
-        indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre,
-                                                                          codebook.to(acc) - centre, code, k)
-    else:  # dot is not translation invariant: ranked on the raw vectors
-        indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc), codebook.to(acc), code, k)
+    dtype = _common_dtype(z, codebook)
+    centre = _codebook_centre(codebook, unit=code == _COSINE) if code != _DOT else None  # (D,) float64
+    if z.is_cuda and centre is not None:  # the CUDA kernel takes the frame from here (a copy at HBM bandwidth)
+        acc = _compute_dtype(dtype)
+        z_frame, c_frame, bias, _ = _ranking_frame(z.detach(), codebook.detach(), code, centre, acc)
+        if code == _COSINE:  # the per-code bias rides in one extra column against a column of ones
+            z_frame = torch.cat([z_frame, z_frame.new_ones(z_frame.shape[0], 1)], dim=1)
+            c_frame = torch.cat([c_frame, bias[:, None]], dim=1)
+            indices, _ = torch.ops.quantkit.nearest_codeword.default(z_frame, c_frame, _DOT, k)
+            distances = _codeword_distance(z.to(acc), codebook.to(acc)[indices], _COSINE)
+        else:  # l2 distances are translation invariant: the frame's are the op's (and differentiable)
+            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre.to(acc),
+                                                                              codebook.to(acc) - centre.to(acc), code, k)
+    else:  # the CPU kernel (and the reference) apply the frame themselves
+        indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k,
+                                                                          centre)
     if k == 1:
         return NearestCodewords(indices.squeeze(1), distances.squeeze(1))
     return NearestCodewords(indices, distances)

@@ -196,7 +196,7 @@ def test_kernel_agrees_with_reference(metric):
 
 
 @pytest.mark.skipif(not (HAS_NEAREST and HAS_SOFT), reason="compiled CPU kernels not loaded")
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx2", "scalar", "baseline"])
 def test_portable_instruction_set_paths_are_exact(isa, monkeypatch):
     """The kernels compiled for AVX2 and for the baseline ISA (forced with QUANTKIT_CPU_ISA) are exact too."""
     monkeypatch.setenv("QUANTKIT_CPU_ISA", isa)
@@ -451,3 +451,66 @@ def test_kernels_reject_bad_input_themselves():
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the centred frame inside the kernel, and the instruction-set switch
+
+
+@pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_kernel_frame_equals_the_reference_frame(metric, dtype):
+    """Given the same centre, the kernel (which moves rows and codes into the frame while packing) and the reference
+    (which builds the moved copies) rank alike: same indices wherever the float64 gap is above rounding."""
+    gen = torch.Generator().manual_seed(5)
+    z = (100 + torch.randn(400, 24, generator=gen, dtype=torch.float64)).to(dtype)
+    codebook = (100 + torch.randn(333, 24, generator=gen, dtype=torch.float64)).to(dtype)
+    code = ops.METRICS[metric]
+    centre = ops._codebook_centre(codebook, unit=metric == "cosine")
+    got = torch.ops.quantkit.nearest_codeword(z, codebook, code, 3, centre)
+    want = ops.nearest_codeword_reference(z, codebook, code, 3, centre)
+    true = _true_distances(z, codebook, metric).sort(dim=1).values
+    clear = (true[:, 1] - true[:, 0]) > 1e-4 * true[:, :2].abs().max(dim=1).values + 1e-9  # no near-tie at the top
+    assert bool(clear.float().mean() > 0.9)
+    assert torch.equal(got[0][clear, 0], want[0][clear, 0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+def test_frame_costs_no_copy_of_the_codebook():
+    """The centred frame is built inside the kernel's packing: a 256 MiB codebook costs far less than its own size
+    in extra memory (a Python-side frame would copy it, and z, on every call)."""
+    import os
+
+    def status_kib(field):
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to read the peak resident size")
+    codebook = 10 + torch.randn(1 << 20, 64)  # 256 MiB
+    z = 10 + torch.randn(64, 64)
+    ops.nearest_codeword(z, codebook)  # warm: thread pool, scratch, allocator
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current resident size
+    before = status_kib("VmRSS")
+    indices = ops.nearest_codeword(z, codebook).indices
+    extra_mib = (status_kib("VmHWM") - before) / 1024
+    assert extra_mib < 64, f"nearest_codeword used {extra_mib:.0f} MiB beyond its inputs"
+    want = ops.nearest_codeword_reference(z[:8], codebook, 0, 1, ops._codebook_centre(codebook))[0][:, 0]
+    assert torch.equal(indices[:8], want)
+
+
+@pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+def test_cpu_isa_is_reported_capped_and_an_unknown_value_is_named(monkeypatch):
+    best = _ext.cpu_isa()
+    assert best in ("avx512", "avx2", "scalar")
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "scalar")
+    assert _ext.cpu_isa() == "scalar"
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "avx2")
+    assert _ext.cpu_isa() == ("scalar" if best == "scalar" else "avx2")
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="QUANTKIT_CPU_ISA must be avx512, avx2 or scalar.*sse9"):
+        _ext.cpu_isa()
+    with pytest.raises(RuntimeError, match="nearest_codeword: QUANTKIT_CPU_ISA must be"):
+        ops.nearest_codeword(torch.randn(3, 4), torch.randn(5, 4))

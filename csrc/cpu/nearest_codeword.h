@@ -52,7 +52,31 @@ template <class S>
 struct Workspace {
   Scratch<S> panels, tile, row;
   Scratch<S> partial;  // sliced mode: partial scores of one panel x tile, between slices
+  Scratch<double> wide_row;  // a row on its way into the centred frame
 };
+
+// The codebook-centred frame (the why is in quantkit/ops.py): rows and codes are ranked as f(x) - m, where f is the
+// identity (l2) or the scaling to unit norm (cosine) and m a (D,) centre near the codebook. The packing loops apply
+// it while they convert, in double with one rounding to S, so no centred copy of z or the codebook is ever made.
+struct Frame {
+  const double* centre;  // (D,)
+  bool unit;             // cosine: scale to unit norm before centring
+};
+
+// Row r of m moved into the frame and rounded to S; false when the row holds a NaN or inf.
+template <class S>
+QK_INLINE bool load_frame_row(const Matrix& m, int64_t r, const Frame& f, double* __restrict__ wide,
+                              S* __restrict__ dst) {
+  const bool ok = load_row<double>(m, r, wide);
+  double scale = 1;
+  if (f.unit) {
+    double sq = 0;
+    for (int64_t d = 0; d < m.cols; ++d) sq += wide[d] * wide[d];
+    scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
+  }
+  for (int64_t d = 0; d < m.cols; ++d) dst[d] = S(wide[d] * scale - f.centre[d]);
+  return ok;
+}
 
 // One task: rows [r0, r1) against codes [c0, c1). best/best_idx are (r1 - r0, k) row-major running state.
 template <class S>
@@ -67,6 +91,7 @@ struct Task {
   int64_t* best_idx;
   Workspace<S>* ws;
   std::atomic<int>* bad;  // bit 1: z holds NaN/inf
+  const Frame* frame;     // nullptr: rank the raw vectors
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -91,14 +116,16 @@ QK_INLINE void accumulate_block(const S* __restrict__ panel, const S* __restrict
   }
 }
 
-// Pack rows [r0, r1) of z, transposed, into panels of 2L rows: panels[p][d][i] = z[r0 + p*2L + i][d] (0-padded).
+// Pack rows [r0, r1) of z, transposed, into panels of 2L rows: panels[p][d][i] = z[r0 + p*2L + i][d] (0-padded),
+// moved into the frame when there is one.
 template <class S, int R>
-QK_INLINE bool pack_rows(const Matrix& z, int64_t r0, int64_t r1, S* __restrict__ panels, S* __restrict__ row) {
+QK_INLINE bool pack_rows(const Matrix& z, int64_t r0, int64_t r1, const Frame* frame, S* __restrict__ panels,
+                         S* __restrict__ row, double* __restrict__ wide) {
   const int64_t D = z.cols, npan = (r1 - r0 + R - 1) / R;
   bool ok = true;
   std::memset(panels, 0, sizeof(S) * npan * D * R);
   for (int64_t r = r0; r < r1; ++r) {
-    ok &= load_row<S>(z, r, row);
+    ok &= frame ? load_frame_row<S>(z, r, *frame, wide, row) : load_row<S>(z, r, row);
     S* dst = panels + ((r - r0) / R) * D * R + (r - r0) % R;
     for (int64_t d = 0; d < D; ++d) dst[d * R] = row[d];
   }
@@ -109,15 +136,17 @@ QK_INLINE bool pack_rows(const Matrix& z, int64_t r0, int64_t r1, S* __restrict_
 // Padding codes (up to a multiple of J) are zeros with bias -inf, so they are never chosen.
 template <class S, int kJ>
 QK_INLINE void pack_codes(const Task<S>& t, int64_t c0, int64_t c1, S* __restrict__ out, S* __restrict__ bias,
-                          S* __restrict__ scale, S* __restrict__ row) {
+                          S* __restrict__ scale, S* __restrict__ row, double* __restrict__ wide) {
   const Matrix& cb = *t.codebook;
   const int64_t D = t.z->cols, padded = (c1 - c0 + kJ - 1) / kJ * kJ;
-  const bool direct = cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
+  const bool direct = !t.frame && cb.col_stride == 1 && cb.dtype == (sizeof(S) == 4 ? DType::f32 : DType::f64);
   for (int64_t c = c0; c < c0 + padded; ++c) {
     S* dst = out + (c - c0) / kJ * D * kJ + (c - c0) % kJ;
     if (c < c1) {
       const S* src = direct ? static_cast<const S*>(cb.data) + c * cb.row_stride : row;
-      if (!direct) load_row<S>(cb, c, row);  // finiteness was checked when the biases were computed
+      // finiteness was checked when the biases were computed
+      if (t.frame) load_frame_row<S>(cb, c, *t.frame, wide, row);
+      else if (!direct) load_row<S>(cb, c, row);
       for (int64_t d = 0; d < D; ++d) dst[d * kJ] = src[d];
       bias[c - c0] = t.bias[c];
       scale[c - c0] = t.scale ? t.scale[c] : S(1);
@@ -160,6 +189,7 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
   Workspace<S>& ws = *t.ws;
   S* panels = ws.panels.get(size_t(std::min(rows_per_chunk, (t.r1 - t.r0 + R - 1) / R * R)) * D);
   S* row = ws.row.get(size_t(D));
+  double* wide = t.frame ? ws.wide_row.get(size_t(D)) : nullptr;
   S* tile = ws.tile.get(size_t(codes_per_tile) * (D + 2));
   S* tile_bias = tile + codes_per_tile * D;
   S* tile_scale = tile_bias + codes_per_tile;
@@ -176,10 +206,10 @@ QK_INLINE void run_task_impl(const Task<S>& t) {
 
   for (int64_t rc0 = t.r0; rc0 < t.r1; rc0 += rows_per_chunk) {
     const int64_t rc1 = std::min(t.r1, rc0 + rows_per_chunk);
-    if (!pack_rows<S, R>(*t.z, rc0, rc1, panels, row)) t.bad->fetch_or(1);
+    if (!pack_rows<S, R>(*t.z, rc0, rc1, t.frame, panels, row, wide)) t.bad->fetch_or(1);
     for (int64_t t0 = t.c0; t0 < t.c1; t0 += codes_per_tile) {
       const int64_t t1 = std::min(t.c1, t0 + codes_per_tile);
-      pack_codes<S, kJ>(t, t0, t1, tile, tile_bias, tile_scale, row);
+      pack_codes<S, kJ>(t, t0, t1, tile, tile_bias, tile_scale, row, wide);
       for (int64_t p0 = rc0; p0 < rc1; p0 += R) {
         const S* panel = panels + ((p0 - rc0) / R) * D * R;
         const int64_t nrows = std::min<int64_t>(R, rc1 - p0);
@@ -282,19 +312,28 @@ QK_TARGET_AVX2 QK_FLATTEN inline void run_task_avx2(const Task<double>& t) { run
 inline void run_task_baseline(const Task<float>& t) { run_task<float, IsaBaseline>(t); }
 inline void run_task_baseline(const Task<double>& t) { run_task<double, IsaBaseline>(t); }
 
-// Which instruction set the kernels use: "avx512", "avx2" or "baseline", the best this CPU supports, capped by
-// the environment variable QUANTKIT_CPU_ISA (read on every call, so tests can exercise the portable paths).
+// Which instruction set the kernels use: "avx512", "avx2" or "baseline" (the portable build, no AVX), the best
+// this CPU supports, capped by the environment variable QUANTKIT_CPU_ISA=avx512|avx2|scalar (read on every call,
+// so one process can measure every path; "baseline" is accepted for "scalar"). An unknown value is an error.
 inline const char* isa() {
   const char* cap = std::getenv("QUANTKIT_CPU_ISA");
-  const std::string want = cap ? cap : "avx512";
+  const std::string want = cap && *cap ? cap : "avx512";
 #if QK_X86
   static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (want == "avx512" && has_avx512) return "avx512";
-  if (want != "baseline" && has_avx2) return "avx2";
+  if (want != "scalar" && want != "baseline" && has_avx2) return "avx2";
 #endif
   return "baseline";
+}
+
+// False when QUANTKIT_CPU_ISA holds something other than avx512, avx2, scalar or baseline (the bindings refuse it).
+inline bool isa_request_valid() {
+  const char* cap = std::getenv("QUANTKIT_CPU_ISA");
+  if (!cap || !*cap) return true;
+  const std::string want = cap;
+  return want == "avx512" || want == "avx2" || want == "scalar" || want == "baseline";
 }
 
 template <class S>
@@ -332,23 +371,53 @@ inline double direct_distance(const double* z, const double* c, int64_t D, int m
 // Error codes returned by nearest_codeword.
 enum Status : int { kOk = 0, kZNotFinite = 1, kCodebookNotFinite = 2 };
 
+// Per-code additive terms in the frame (l2: -|c'|^2 / 2; cosine: m.c', from u.v = (u - m).(v - m) + m.(v - m) + a
+// per-row constant), from the same rounded values the tiles will hold. False when the codebook holds NaN or inf.
+template <class S, class ParallelFor>
+bool frame_code_bias(const Matrix& codebook, const Frame& frame, std::vector<S>& bias, ParallelFor&& parallel_for) {
+  const int64_t K = codebook.rows, D = codebook.cols;
+  bias.assign(size_t(K), S(0));
+  std::atomic<int> bad{0};
+  parallel_for(0, K, 1024, [&](int64_t b, int64_t e) {
+    std::vector<double> wide(static_cast<size_t>(D));
+    std::vector<S> row(static_cast<size_t>(D));
+    for (int64_t c = b; c < e; ++c) {
+      if (!load_frame_row<S>(codebook, c, frame, wide.data(), row.data())) bad.fetch_or(1);
+      double acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += frame.unit ? frame.centre[d] * double(row[d]) : double(row[d]) * double(row[d]);
+      bias[c] = S(frame.unit ? acc : std::max(-0.5 * acc, -double(std::numeric_limits<S>::max())));
+    }
+  });
+  return bad.load() == 0;
+}
+
 // indices/distances: (N, k) row-major outputs. parallel_for(begin, end, grain, fn(begin, end)) runs fn over
-// [begin, end) in contiguous chunks, one per thread; threads is how many it uses.
+// [begin, end) in contiguous chunks, one per thread; threads is how many it uses. centre: (D,) centre of the
+// ranking frame for l2 and cosine (nullptr ranks the raw vectors); the returned distances never depend on it.
 template <class S, class ParallelFor>
 int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads,
-                     int64_t* indices, S* distances, ParallelFor&& parallel_for) {
+                     int64_t* indices, S* distances, ParallelFor&& parallel_for, const double* centre = nullptr) {
   const int64_t N = z.rows, K = codebook.rows, D = z.cols;
   constexpr int64_t R = 32;  // rows per panel, as a unit of work split (a multiple of every ISA's 2L)
   threads = std::max<int64_t>(1, threads);
 
   // O(K) per-code terms (and the codebook's finiteness check), computed once and shared by all threads.
-  std::vector<double> sq;
-  if (!codeword_sq_norms<S>(codebook, sq, parallel_for)) return kCodebookNotFinite;
-  std::vector<S> bias(size_t(K), S(0)), scale(metric == kCosine ? size_t(K) : 0);
-  for (int64_t c = 0; c < K; ++c) {
-    if (metric == kL2) bias[c] = S(std::max(-0.5 * sq[c], -double(std::numeric_limits<S>::max())));
-    if (metric == kCosine) scale[c] = S(1.0 / std::max(std::sqrt(sq[c]), kCosineEps));
+  const Frame frame_value{centre, metric == kCosine};
+  const Frame* frame = centre && metric != kDot ? &frame_value : nullptr;
+  std::vector<S> bias, scale;
+  if (frame) {
+    if (!frame_code_bias<S>(codebook, *frame, bias, parallel_for)) return kCodebookNotFinite;
+  } else {
+    std::vector<double> sq;
+    if (!codeword_sq_norms<S>(codebook, sq, parallel_for)) return kCodebookNotFinite;
+    bias.assign(size_t(K), S(0));
+    scale.resize(metric == kCosine ? size_t(K) : 0);
+    for (int64_t c = 0; c < K; ++c) {
+      if (metric == kL2) bias[c] = S(std::max(-0.5 * sq[c], -double(std::numeric_limits<S>::max())));
+      if (metric == kCosine) scale[c] = S(1.0 / std::max(std::sqrt(sq[c]), kCosineEps));
+    }
   }
+  const bool scaled = metric == kCosine && !frame;
   std::atomic<int> bad{0};
   if (N == 0) return kOk;
 
@@ -370,8 +439,8 @@ int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k,
     Workspace<S> ws;
     for (int64_t task = next_task.fetch_add(1); task < row_tasks * segments; task = next_task.fetch_add(1)) {
       const int64_t chunk = task / segments, seg = task % segments;
-      Task<S> t{&z, &codebook, bias.data(), metric == kCosine ? scale.data() : nullptr, k, 0, 0, 0, 0,
-                nullptr, nullptr, &ws, &bad};
+      Task<S> t{&z, &codebook, bias.data(), scaled ? scale.data() : nullptr, k, 0, 0, 0, 0,
+                nullptr, nullptr, &ws, &bad, frame};
       t.r0 = std::min(N, chunk * rows_per_task), t.r1 = std::min(N, t.r0 + rows_per_task);
       t.c0 = std::min(K, seg * codes_per_segment), t.c1 = std::min(K, t.c0 + codes_per_segment);
       if (t.r0 >= t.r1 || t.c0 >= t.c1) continue;

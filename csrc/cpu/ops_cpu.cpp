@@ -6,6 +6,8 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -56,13 +58,27 @@ ScalarType compute_type(DType d) { return d == DType::f64 ? ScalarType::Double :
 
 // ---------------------------------------------------------------------------------------------------------------
 
+void check_isa_request(const char* op) {
+  STD_TORCH_CHECK(quantkit::cpu::nearest::isa_request_valid(), op,
+                  ": QUANTKIT_CPU_ISA must be avx512, avx2 or scalar (or unset for the best this CPU has), got '",
+                  std::getenv("QUANTKIT_CPU_ISA"), "'");
+}
+
 std::tuple<Tensor, Tensor> nearest_codeword_cpu(const Tensor& z_t, const Tensor& codebook_t, int64_t metric,
-                                                int64_t k) {
+                                                int64_t k, std::optional<Tensor> centre_t) {
   const char* op = "nearest_codeword";
+  check_isa_request(op);
   const Matrix z = as_matrix(z_t, op, "z"), codebook = as_matrix(codebook_t, op, "codebook");
   check_pair(op, z, codebook);
   STD_TORCH_CHECK(metric >= 0 && metric <= 2, op, ": metric must be 0 (l2), 1 (cosine) or 2 (dot), got ", metric);
   STD_TORCH_CHECK(k >= 1 && k <= codebook.rows, op, ": k must be in [1, K=", codebook.rows, "], got ", k);
+  const double* centre = nullptr;
+  if (centre_t.has_value()) {
+    const Tensor& c = *centre_t;
+    STD_TORCH_CHECK(c.is_cpu() && c.dim() == 1 && c.size(0) == z.cols && c.scalar_type() == ScalarType::Double &&
+                        c.stride(0) == 1, op, ": centre must be a contiguous (D=", z.cols, ",) float64 CPU tensor");
+    centre = static_cast<const double*>(c.data_ptr());
+  }
   const ScalarType acc = compute_type(z.dtype);
   Tensor indices = torch::stable::new_empty(z_t, {z.rows, k}, ScalarType::Long);
   Tensor distances = torch::stable::new_empty(z_t, {z.rows, k}, acc);
@@ -71,11 +87,11 @@ std::tuple<Tensor, Tensor> nearest_codeword_cpu(const Tensor& z_t, const Tensor&
   if (acc == ScalarType::Double) {
     status = quantkit::cpu::nearest::nearest_codeword<double>(
         z, codebook, int(metric), int(k), threads, static_cast<int64_t*>(indices.data_ptr()),
-        static_cast<double*>(distances.data_ptr()), TorchParallelFor{});
+        static_cast<double*>(distances.data_ptr()), TorchParallelFor{}, centre);
   } else {
     status = quantkit::cpu::nearest::nearest_codeword<float>(
         z, codebook, int(metric), int(k), threads, static_cast<int64_t*>(indices.data_ptr()),
-        static_cast<float*>(distances.data_ptr()), TorchParallelFor{});
+        static_cast<float*>(distances.data_ptr()), TorchParallelFor{}, centre);
   }
   STD_TORCH_CHECK(status != quantkit::cpu::nearest::kZNotFinite, op,
                   ": z contains NaN or inf; quantkit rejects non-finite inputs");
@@ -88,6 +104,7 @@ std::tuple<Tensor, Tensor> nearest_codeword_cpu(const Tensor& z_t, const Tensor&
 
 double temperature_value(const Tensor& t) {
   const char* op = "soft_assign";
+  check_isa_request(op);
   STD_TORCH_CHECK(t.numel() == 1 && t.is_cpu(), op, ": temperature must be a one-element CPU tensor");
   double v;
   if (t.scalar_type() == ScalarType::Double) {
@@ -143,6 +160,7 @@ std::tuple<Tensor, Tensor, Tensor> soft_backward_typed(const Tensor& grad_out_t,
                                                        const Tensor& out_t, const Tensor& lse_t, int64_t metric,
                                                        ScalarType acc) {
   const char* op = "soft_assign_backward";
+  check_isa_request(op);
   const Matrix z = as_matrix(z_t, op, "z"), codebook = as_matrix(codebook_t, op, "codebook");
   const Matrix grad_out = as_matrix(grad_out_t, op, "grad_out"), out = as_matrix(out_t, op, "out");
   check_soft(z, codebook, metric);
@@ -178,7 +196,17 @@ std::tuple<Tensor, Tensor, Tensor> soft_assign_backward_cpu(const Tensor& grad_o
   return soft_backward_typed<float>(grad_out, z, codebook, temperature, out, lse, metric, acc);
 }
 
+// Which instruction set the CPU kernels run with now: 2 (AVX-512), 1 (AVX2 + FMA) or 0 (the portable build).
+int64_t cpu_isa() {
+  check_isa_request("cpu_isa");
+  const char* isa = quantkit::cpu::nearest::isa();
+  return isa[0] == 'a' ? (isa[3] == '5' ? 2 : 1) : 0;
+}
+
 }  // namespace
+
+// No tensor arguments, so no backend to dispatch on: registered for every key through CompositeExplicitAutograd.
+STABLE_TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) { m.impl("cpu_isa", TORCH_BOX(&cpu_isa)); }
 
 STABLE_TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("nearest_codeword", TORCH_BOX(&nearest_codeword_cpu));

@@ -184,7 +184,7 @@ struct Workspace {
 // Loads rows [p0, p0 + 2L) of m transposed into panel; optionally also row-major into rows (2L x D).
 template <class S, int R>
 QK_INLINE bool load_panel(const Matrix& m, int64_t p0, int64_t n, S* panel, S* row, S* rows = nullptr) {
-  const bool ok = nearest::pack_rows<S, R>(m, p0, std::min(p0 + R, n), panel, row);
+  const bool ok = nearest::pack_rows<S, R>(m, p0, std::min(p0 + R, n), nullptr, panel, row, nullptr);
   if (rows) {
     const int64_t D = m.cols;
     for (int i = 0; i < R; ++i)
