@@ -10,13 +10,16 @@ peer = pytest.importorskip("vector_quantize_pytorch")
 
 from test_compat_vqpytorch import _assert_same, _pair  # noqa: E402  (the side-by-side helpers)
 
-CASES = [dict(codebook_size=(32, 16, 8)), dict(codebook_size=32, beam_size=4),
-         dict(codebook_size=(32, 16, 8), beam_size=3, eval_beam_size=5, beam_score_quantizer_weights=[1.0, 2.0, 0.5]),
-         dict(codebook_size=32, beam_size=4, codebook_dim=4, use_cosine_sim=True)]
-IDS = ["sizes", "beam", "beam_sizes_weights", "beam_projection_cosine"]
+SLOW = pytest.mark.slow
+CASES = [pytest.param(dict(codebook_size=(32, 16, 8)), id="sizes"),
+         pytest.param(dict(codebook_size=32, beam_size=4), id="beam", marks=SLOW),
+         pytest.param(dict(codebook_size=(32, 16, 8), beam_size=3, eval_beam_size=5,
+                           beam_score_quantizer_weights=[1.0, 2.0, 0.5]), id="beam_sizes_weights"),
+         pytest.param(dict(codebook_size=32, beam_size=4, codebook_dim=4, use_cosine_sim=True),
+                      id="beam_projection_cosine", marks=SLOW)]
 
 
-@pytest.mark.parametrize("options", CASES, ids=IDS)
+@pytest.mark.parametrize("options", CASES)
 def test_eval_outputs_indices_and_losses_match_peer(options):
     torch.manual_seed(0)
     p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, **options)
@@ -76,7 +79,7 @@ def test_freeze_codebook_keeps_every_level_as_in_peer():
     assert torch.equal(ia, ip) and torch.equal(a.codebooks, start) and torch.equal(p.codebooks, start)
 
 
-@pytest.mark.parametrize("frac", [0.3, 1.0])
+@pytest.mark.parametrize("frac", [0.3, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_quant_grad_frac_gradient_matches_peer(frac):
     torch.manual_seed(0)
     p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, codebook_size=32, quant_grad_frac=frac, decay=1.0)
@@ -98,8 +101,9 @@ def test_eval_beam_size_without_beam_size_is_refused_as_in_the_peer():
 # implicit_neural_codebook (QINCo)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(mlp_kwargs=dict(dim_hidden=16, depth=2)),
-                                     dict(codebook_dim=4, codebook_size=(16, 8, 8))], ids=["default", "mlp", "sizes"])
+@pytest.mark.parametrize("options", [pytest.param(dict(), id="default", marks=SLOW),
+                                     pytest.param(dict(codebook_dim=4, codebook_size=(16, 8, 8),
+                                                       mlp_kwargs=dict(dim_hidden=16, depth=2)), id="sizes_mlp")])
 def test_qinco_matches_peer_in_eval(options):
     torch.manual_seed(0)
     options = {"codebook_size": 16, **options}
@@ -131,7 +135,8 @@ def test_qinco_training_gradients_of_codebooks_and_mlps_match_peer():
 # diveq
 
 
-@pytest.mark.parametrize("options", [dict(), dict(codebook_dim=4)], ids=["default", "projection"])
+@pytest.mark.parametrize("options", [pytest.param(dict(), id="default", marks=SLOW),
+                                     pytest.param(dict(codebook_dim=4), id="projection")])
 def test_diveq_training_step_equals_peer_with_the_same_noise(options):
     torch.manual_seed(0)
     p, a = _pair("ResidualVQ", dim=8, num_quantizers=3, codebook_size=16, diveq=True, **options)

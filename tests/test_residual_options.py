@@ -16,7 +16,7 @@ CONFIGS = [
     dict(codebook_size=16, quant_grad_frac=0.5),
     dict(codebook_sizes=(16, 8, 4), beam=BeamSearch(3, eval_width=5, level_weights=(1.0, 2.0, 0.5))),
     dict(codebook_size=16, metric="cosine", beam=BeamSearch(4), layer_scale=0.5),
-    dict(codebook_size=16, ema=None, implicit_codebook=ImplicitCodebook(hidden=16, blocks=2)),
+    dict(codebook_size=8, ema=None, implicit_codebook=ImplicitCodebook(hidden=8, blocks=1)),
     dict(codebook_size=16, ema=None, diveq=1e-3),
 ]
 
