@@ -3,6 +3,7 @@ from ._registry import create_quantizer, example_kwargs, list_quantizers, regist
 from .base import Quantizer, QuantizerOutput
 from .codebook import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit
 from .fsq import FSQ
+from .hierarchical import HierarchicalVQ
 from .latent_quantize import LatentQuantizer
 from .fsp import FSP, MomentLoss
 from .lfq import LFQ, EntropyLoss
@@ -19,4 +20,4 @@ __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs",
            "FSP", "MomentLoss",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep", "BeamSearch", "ImplicitCodebook",
-           "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer"]
+           "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer", "HierarchicalVQ"]
