@@ -6,6 +6,7 @@ from .fsq import FSQ
 from .hierarchical import HierarchicalVQ
 from .latent_quantize import LatentQuantizer
 from .fsp import FSP, MomentLoss
+from .grouped import GroupedQuantizer
 from .lfq import LFQ, EntropyLoss
 from .multiscale import MultiScaleResidualQuantizer
 from .random_projection import RandomProjectionQuantizer
@@ -17,7 +18,7 @@ from .vqgan_lc import VQGANLCQuantizer
 
 __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs", "list_quantizers",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
-           "FSP", "MomentLoss",
+           "FSP", "MomentLoss", "GroupedQuantizer",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep", "BeamSearch", "ImplicitCodebook",
            "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer", "HierarchicalVQ"]

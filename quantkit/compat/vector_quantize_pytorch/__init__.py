@@ -15,6 +15,7 @@ A keyword quantkit does not implement raises :class:`UnsupportedKeywordError` na
 from ._common import UnsupportedKeywordError, keyword_table_markdown
 from .fsp import FSP
 from .fsq import FSQ, ResidualFSQ
+from .grouped_residual import GroupedResidualFSQ, GroupedResidualLFQ
 from .hierarchical import HierarchicalVQ
 from .latent_quantize import LatentQuantize
 from .lfq import LFQ, ResidualLFQ
@@ -25,5 +26,5 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
            "UnsupportedKeywordError", "keyword_table_markdown",
-           "FSP",
+           "FSP", "GroupedResidualFSQ", "GroupedResidualLFQ",
            "SimVQ", "ResidualSimVQ", "LatentQuantize", "RandomProjectionQuantizer", "HierarchicalVQ"]

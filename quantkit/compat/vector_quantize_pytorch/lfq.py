@@ -202,9 +202,12 @@ class ResidualLFQ(nn.Module):
                                     entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
                                     spherical=o["spherical"],
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
-        for layer in self.rq.layers:
-            # ResidualQuantizer's own commitment_weight keyword shadows the levels' one: set it on each level.
-            layer.commitment_weight = float(o["commitment_loss_weight"])
+        for d, layer in enumerate(self.rq.layers):
+            # Level d sees the residual scaled by 2^d against codes +-1, the peer's sees it unscaled against codes
+            # +-2^-d: a 4^d times larger commitment and 4^d times sharper entropy logits, undone here (the peer's
+            # losses, to rounding). ResidualQuantizer's own commitment_weight keyword shadows the levels' one.
+            layer.commitment_weight = float(o["commitment_loss_weight"]) / 4 ** d
+            layer.entropy = replace(layer.entropy, temperature=layer.entropy.temperature * 4 ** d)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
                 rand_quantize_dropout_fixed_seed: int | None = None):
