@@ -1,6 +1,7 @@
 """Quantizers: one API (:class:`Quantizer`, :class:`QuantizerOutput`) over every method, and a registry."""
 from ._registry import create_quantizer, example_kwargs, list_quantizers, register_quantizer
 from .base import Quantizer, QuantizerOutput
+from .binary_mapper import BinaryMapper
 from .codebook import CodebookStep, DeadCodeConfig, EMAConfig, KMeansInit
 from .fsq import FSQ
 from .hierarchical import HierarchicalVQ

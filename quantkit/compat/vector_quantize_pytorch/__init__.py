@@ -13,6 +13,7 @@ A keyword quantkit does not implement raises :class:`UnsupportedKeywordError` na
 ``load_peer_state_dict(peer.state_dict())`` copies a trained peer module's weights into its adapter.
 """
 from ._common import UnsupportedKeywordError, keyword_table_markdown
+from .binary_mapper import BinaryMapper
 from .fsp import FSP
 from .fsq import FSQ, ResidualFSQ
 from .grouped_residual import GroupedResidualFSQ, GroupedResidualLFQ
