@@ -19,7 +19,7 @@ from .vqgan_lc import VQGANLCQuantizer
 
 __all__ = ["Quantizer", "QuantizerOutput", "create_quantizer", "example_kwargs", "list_quantizers",
            "register_quantizer", "FSQ", "LFQ", "EntropyLoss", "MultiScaleResidualQuantizer", "ResidualQuantizer",
-           "FSP", "MomentLoss", "GroupedQuantizer",
+           "FSP", "MomentLoss", "GroupedQuantizer", "BinaryMapper",
            "SoftVQ", "VectorQuantizer", "VQGANLCQuantizer", "EMAConfig", "DeadCodeConfig", "KMeansInit", "Sampling",
            "CodebookStep", "BeamSearch", "ImplicitCodebook",
            "SimVQ", "LatentQuantizer", "RandomProjectionQuantizer", "HierarchicalVQ"]

@@ -27,5 +27,5 @@ from .vq import VectorQuantize
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "FSQ", "ResidualFSQ", "LFQ", "ResidualLFQ",
            "UnsupportedKeywordError", "keyword_table_markdown",
-           "FSP", "GroupedResidualFSQ", "GroupedResidualLFQ",
+           "FSP", "GroupedResidualFSQ", "GroupedResidualLFQ", "BinaryMapper",
            "SimVQ", "ResidualSimVQ", "LatentQuantize", "RandomProjectionQuantizer", "HierarchicalVQ"]
