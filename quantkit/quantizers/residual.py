@@ -24,14 +24,14 @@ codebook update as a greedy step, for the chosen codes).
 
 :class:`ImplicitCodebook` (QINCo, Huijben et al. 2024, arXiv:2401.14732): every depth d >= 1 transforms its base
 codes with a residual MLP conditioned on the partial reconstruction, c'_k = f_d(q_0 + ... + q_{d-1}, c_k), so each
-vector is quantized against its own codebook.
+vector is quantized against its own codebook. That search cannot share one codebook across vectors (the fused
+kernel's premise); it runs without gradient over chunks of vectors (peak memory chunk x K x hidden, never N x K x
+dim), and only the chosen code is then recomputed with its graph (N x dim).
 
 ``diveq`` (a noise variance) applies DiVeQ (openreview.net/forum?id=KRVnpTbx7R) to the whole stack, as
 vector-quantize-pytorch's ``ResidualVQ(diveq=True)`` does: the levels' raw codes (carrying their codebooks'
 gradients) are summed along residuals that keep that gradient, and in training the output is
-z + ||sum - z|| * sg(unit(sum - z + noise)). That search cannot share one codebook across vectors (the fused
-kernel's premise); it runs without gradient over chunks of vectors (peak memory chunk x K x hidden, never N x K x
-dim), and only the chosen code is then recomputed with its graph (N x dim).
+z + ||sum - z|| * sg(unit(sum - z + noise)).
 """
 from __future__ import annotations
 
