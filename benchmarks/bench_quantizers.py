@@ -151,6 +151,38 @@ def _peer_bsq(s: Shape) -> nn.Module:
     return LFQ(dim=s.dim, codebook_size=2 ** 16, entropy_loss_weight=0.1, commitment_loss_weight=0.25, spherical=True)
 
 
+class _ChannelsFirst(nn.Module):
+    """(B, N, dim) in and out around a module that reads (B, dim, N) (the peer's LatentQuantize always does)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor):
+        quantized, *rest = self.module(x.transpose(1, 2))
+        return (quantized.transpose(1, 2), *rest)
+
+
+def _both(make: Callable) -> tuple[Callable[[Shape], nn.Module], Callable[[Shape], nn.Module]]:
+    """(quantkit's compat adapter, the peer's class), each built by the same ``make(library, shape)``."""
+    def ours(s: Shape) -> nn.Module:
+        import quantkit.compat.vector_quantize_pytorch as lib
+        return make(lib, s)
+
+    def theirs(s: Shape) -> nn.Module:
+        import vector_quantize_pytorch as lib
+        return make(lib, s)
+    return ours, theirs
+
+
+def _hierarchical_scales(s: Shape) -> tuple[int, ...]:
+    """1, 4, 16, ... up to the sequence length (a 1-D coarse-to-fine pyramid)."""
+    n, scales = s.tokens // s.batch, [1]
+    while scales[-1] * 4 < n:
+        scales.append(scales[-1] * 4)
+    return (*scales, n)
+
+
 METHODS: list[Method] = [
     Method("vq", _qk_vq, _peer_vq, "VectorQuantize"),
     Method("rq", _qk_rq, _peer_rq, "ResidualVQ"),
@@ -163,6 +195,15 @@ METHODS: list[Method] = [
            "GroupedResidualFSQ"),
     Method("grouped-rlfq", _grouped_residual("quantkit", "lfq"), _grouped_residual("peer", "lfq"),
            "GroupedResidualLFQ"),
+    Method("simvq", *_both(lambda lib, s: lib.SimVQ(dim=s.dim, codebook_size=s.codes)), "SimVQ"),
+    Method("residual-simvq", *_both(lambda lib, s: lib.ResidualSimVQ(dim=s.dim, codebook_size=s.codes,
+                                                                      num_quantizers=s.depth)), "ResidualSimVQ"),
+    Method("latent-quantize", *_both(lambda lib, s: _ChannelsFirst(lib.LatentQuantize(list(_FSQ_LEVELS), s.dim))),
+           "LatentQuantize"),
+    Method("hierarchical-vq", *_both(lambda lib, s: lib.HierarchicalVQ(dim=s.dim, codebook_size=s.codes,
+                                                                        scales=_hierarchical_scales(s),
+                                                                        channel_first=False, kmeans_init=False)),
+           "HierarchicalVQ"),
 ]
 
 
