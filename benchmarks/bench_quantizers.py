@@ -125,20 +125,6 @@ def _peer_fsp(s: Shape) -> nn.Module:
     return FSP(levels=list(_FSQ_LEVELS), dim=s.dim)
 
 
-def _grouped_residual(side: str, kind: str) -> Callable[[Shape], nn.Module]:
-    """Grouped residual FSQ / LFQ, 2 groups x depth levels, through quantkit's compat adapter (one projection per
-    group around its residual stack, as the peer builds it) or the peer's class."""
-    def build(s: Shape) -> nn.Module:
-        if side == "quantkit":
-            import quantkit.compat.vector_quantize_pytorch as lib
-        else:
-            import vector_quantize_pytorch as lib
-        if kind == "fsq":
-            return lib.GroupedResidualFSQ(dim=s.dim, groups=2, levels=list(_FSQ_LEVELS), num_quantizers=s.depth)
-        return lib.GroupedResidualLFQ(dim=s.dim, groups=2, codebook_size=s.codes, num_quantizers=s.depth)
-    return build
-
-
 def _qk_bsq(s: Shape) -> nn.Module:  # LFQ on the sphere (BSQ), MAGVIT-v2's losses as in the lfq rows
     from quantkit import LFQ
 
@@ -191,9 +177,12 @@ METHODS: list[Method] = [
     Method("lfq-2^18", _qk_lfq(18), _peer_lfq(18), "LFQ"),
     Method("fsp", _qk_fsp, _peer_fsp, "FSP"),
     Method("bsq-2^16", _qk_bsq, _peer_bsq, "LFQ(spherical=True)"),
-    Method("grouped-rfsq", _grouped_residual("quantkit", "fsq"), _grouped_residual("peer", "fsq"),
+    # 2 groups x depth levels, one projection per group around its residual stack (as the peer builds it)
+    Method("grouped-rfsq", *_both(lambda lib, s: lib.GroupedResidualFSQ(dim=s.dim, groups=2, levels=list(_FSQ_LEVELS),
+                                                                         num_quantizers=s.depth)),
            "GroupedResidualFSQ"),
-    Method("grouped-rlfq", _grouped_residual("quantkit", "lfq"), _grouped_residual("peer", "lfq"),
+    Method("grouped-rlfq", *_both(lambda lib, s: lib.GroupedResidualLFQ(dim=s.dim, groups=2, codebook_size=s.codes,
+                                                                         num_quantizers=s.depth)),
            "GroupedResidualLFQ"),
     Method("simvq", *_both(lambda lib, s: lib.SimVQ(dim=s.dim, codebook_size=s.codes)), "SimVQ"),
     Method("residual-simvq", *_both(lambda lib, s: lib.ResidualSimVQ(dim=s.dim, codebook_size=s.codes,
