@@ -137,10 +137,27 @@ def test_values_learn_in_quantkit_and_not_in_the_peer():
     assert any(bool(v.grad.any()) for v in a.values_per_latent)
 
 
+def test_readme_examples_run_including_the_sequences_the_peer_refuses():
+    quantizer = compat.LatentQuantize(levels=[5, 5, 8], dim=16, commitment_loss_weight=0.1,
+                                      quantization_loss_weight=0.1)
+    image_feats = torch.randn(1, 16, 32, 32)
+    quantized, indices, loss = quantizer(image_feats)
+    assert (quantized.shape, indices.shape, loss.shape) == ((1, 16, 32, 32), (1, 32, 32), ())
+    assert (quantized == quantizer.indices_to_codes(indices)).all()
+    seq = torch.randn(1, 32, 16)  # the peer asserts here ("expected dimension of 16 but found dimension of 32")
+    quantized, indices, _ = quantizer(seq)
+    assert quantized.shape == (1, 32, 16) and indices.shape == (1, 32)
+    torch.testing.assert_close(quantized, quantizer(seq.transpose(1, 2))[0].transpose(1, 2), rtol=0, atol=0)
+    assert quantizer(torch.randn(1, 16, 10, 32, 32))[0].shape == (1, 16, 10, 32, 32)
+    model = compat.LatentQuantize(levels=[4, 8, 16], dim=9, num_codebooks=3)
+    output_tensor, indices, loss = model(torch.randn(2, 3, 9))
+    assert output_tensor.shape == (2, 3, 9) and indices.shape == (2, 3, 3) and loss.item() >= 0
+
+
 def test_layout_and_keywords_are_checked():
     a = compat.LatentQuantize([4, 5], 2)
     with pytest.raises(ValueError, match=r"\(B, 2, \.\.\.\)"):
-        a(torch.randn(3, 7, 2))
+        a(torch.randn(3, 7, 3))
     with pytest.raises(ValueError, match="codebook_dim"):
         compat.LatentQuantize([4, 5], 2, codebook_dim=3)
     with pytest.raises(UnsupportedKeywordError, match="in_place_codebook_optimizer"):

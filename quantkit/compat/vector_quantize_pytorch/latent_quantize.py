@@ -1,8 +1,9 @@
 """``LatentQuantize`` with the peer's keywords, call and return tuple, over
 :class:`quantkit.quantizers.LatentQuantizer` (Hsu et al. 2023, arXiv:2305.18378).
 
-Layout as in the peer: x is always channel-first, (B, dim, *spatial) or (B, dim), and so is the output; indices are
-int32, (B, *spatial[, num_codebooks]).
+Layout as in the peer: x is channel-first, (B, dim, *spatial) or (B, dim), and so is the output; indices are int32,
+(B, *spatial[, num_codebooks]). A sequence (B, N, dim) with N != dim is read (and returned) channel-last, as the
+peer's README promises and its code does not do.
 
 The one idea to hold: the index is the mixed-radix number of the nearest value's position on each channel, computed
 from the positions themselves. The peer instead recomputes it from the chosen values by float arithmetic and
@@ -75,15 +76,17 @@ class LatentQuantize(nn.Module):
         return self.core.indices_to_codes(torch.arange(self.codebook_size))
 
     def forward(self, z: Tensor):
-        if z.dim() < 2 or z.shape[1] != self.dim:
-            raise ValueError(f"LatentQuantize: z must have shape (B, {self.dim}, ...) (channel-first, as in the peer), "
-                             f"got {tuple(z.shape)}")
-        out = self.core(z)
+        # A sequence (B, N, dim) with N != dim is read channel-last, as the peer's README promises (its code fails).
+        sequence = z.dim() == 3 and z.shape[1] != self.dim and z.shape[2] == self.dim
+        if not sequence and (z.dim() < 2 or z.shape[1] != self.dim):
+            raise ValueError(f"LatentQuantize: z must have shape (B, {self.dim}, ...) (channel-first, as in the peer) "
+                             f"or be a sequence (B, N, {self.dim}), got {tuple(z.shape)}")
+        out = self.core(z.movedim(-1, 1) if sequence else z)
         indices = out.indices.int()
         if self.num_codebooks == 1 and self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
         loss = out.loss if self.training else torch.zeros((), device=z.device)
-        return out.quantized, indices, loss
+        return (out.quantized.movedim(1, -1) if sequence else out.quantized), indices, loss
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices (b, ...[, c]) -> codes (b, dim, ...) (or (b, c * codebook_dim, ...) with project_out=False)."""
