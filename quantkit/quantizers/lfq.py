@@ -43,6 +43,9 @@ class EntropyLoss:
     sample_weight: float = 1.0
     codebook_weight: float = 1.0
     chunk_size: int = 4096  # rows per GEMM chunk of the codebook term
+    #: when set, the entropy term is softplus(term + offset), kept positive (vector-quantize-pytorch's experimental
+    #: ``experimental_softplus_entropy_loss``; the peer's offset default is 5)
+    softplus_offset: float | None = None
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -64,13 +67,16 @@ class LFQ(Quantizer):
         channel_first: x is (B, dim, *spatial).
         spherical: BSQ (see the module docstring): the projected vector and the codes lie on the sphere of radius
             codebook_scale; the gradient then passes through the normalization (not the identity).
+        input_clamp: when set, the projected vector is soft-clamped to +-c first, c * tanh(h / c) (c >=
+            codebook_scale), so no input lies far beyond the codes.
     """
 
     may_skip_depths = False
 
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
-                 channel_first: bool = False, projection_bias: bool = True, spherical: bool = False):
+                 channel_first: bool = False, projection_bias: bool = True, spherical: bool = False,
+                 input_clamp: float | None = None):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
             raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
         try:
@@ -79,15 +85,19 @@ class LFQ(Quantizer):
             raise ValueError(f"LFQ: codebook_size must be a power of two, got {codebook_size}") from None
         if not codebook_scale > 0:
             raise ValueError(f"LFQ: codebook_scale must be positive, got {codebook_scale!r}")
+        if input_clamp is not None and not codebook_scale <= input_clamp < float("inf"):
+            raise ValueError(f"LFQ: input_clamp must be a number >= codebook_scale={codebook_scale}, "
+                             f"got {input_clamp!r}")
         super().__init__(bits if dim is None else dim, codebook_size, channel_first)
         self.bits = bits
         self.commitment_weight = float(commitment_weight)
         self.entropy = entropy if isinstance(entropy, EntropyLoss) else EntropyLoss(**(entropy or {}))
         self.codebook_scale = float(codebook_scale)
         self.spherical = bool(spherical)
+        self.input_clamp = None if input_clamp is None else float(input_clamp)
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
         # plain straight-through unless projections or the spherical normalization surround it
-        self.identity_gradient = self.dim == bits and not self.spherical
+        self.identity_gradient = self.dim == bits and not self.spherical and self.input_clamp is None
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -98,6 +108,13 @@ class LFQ(Quantizer):
     def to_sphere(self, h: Tensor) -> Tensor:
         """(..., bits) -> h / ||h|| * codebook_scale when spherical (BSQ), else h unchanged."""
         return F.normalize(h, dim=-1) * self.codebook_scale if self.spherical else h
+
+    def prepare(self, h: Tensor) -> Tensor:
+        """Projected rows (..., bits) -> what the signs are taken of: soft-clamped (input_clamp), then on the sphere
+        (spherical)."""
+        if self.input_clamp is not None:
+            h = (h / self.input_clamp).tanh() * self.input_clamp
+        return self.to_sphere(h)
 
     @property
     def code_value(self) -> float:
@@ -118,7 +135,7 @@ class LFQ(Quantizer):
     def entropy_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sample entropy, codebook entropy) of x's soft assignment, in nats (for monitoring)."""
         rows, _ = self._to_rows(x)
-        logits = self.bit_logits(self.to_sphere(self.project_in(rows)))
+        logits = self.bit_logits(self.prepare(self.project_in(rows)))
         return per_sample_entropy(logits).mean(), codebook_entropy(logits, self.entropy.chunk_size)
 
     def _hard(self, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,7 +145,7 @@ class LFQ(Quantizer):
         return codes, (positive.long() * self._powers(h)).sum(-1)
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        h = self.to_sphere(self.project_in(z))  # (N, bits)
+        h = self.prepare(self.project_in(z))  # (N, bits)
         codes, indices = self._hard(h)
         quantized = self.project_out(straight_through(h, codes))
         if mask is not None:  # masked-out rows take no part in the loss
@@ -143,7 +160,10 @@ class LFQ(Quantizer):
             logits = self.bit_logits(h)
             sample = per_sample_entropy(logits).mean()
             batch = codebook_entropy(logits, e.chunk_size) if e.codebook_weight else logits.new_zeros(())
-            loss = loss + e.weight * (e.sample_weight * sample - e.codebook_weight * batch)
+            term = e.sample_weight * sample - e.codebook_weight * batch
+            if e.softplus_offset is not None:
+                term = F.softplus(term + e.softplus_offset)
+            loss = loss + e.weight * term
         return quantized, indices, loss
 
     def _encode(self, z: Tensor) -> Tensor:

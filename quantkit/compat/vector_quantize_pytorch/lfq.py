@@ -48,15 +48,16 @@ LFQ_OPTIONS: dict[str, Option] = {
     "has_projections": Option(None, "the adapter's `project_in`/`project_out` (None: when dim != bits * "
                                     "num_codebooks)"),
     "projection_has_bias": Option(True, "bias of the adapter's projections"),
-    "soft_clamp_input_value": Option(None, _NS, only_default(None), "clamp the input before the adapter"),
+    "soft_clamp_input_value": Option(None, "`LFQ(input_clamp=...)`: c * tanh(h / c) after the projection",
+                                     lambda v, vals: v is None or v >= vals["codebook_scale"],
+                                     "must be >= codebook_scale (as in the peer)"),
     "cosine_sim_project_in": Option(False, _NS, only_default(False), "no cosine-similarity projection in quantkit"),
     "cosine_sim_project_in_scale": Option(None, "no effect while `cosine_sim_project_in = False`",
                                           unless("cosine_sim_project_in", None)),
     "channel_first": Option(None, "adapter layout (None: channel-first for 4-D and 5-D input, as in the peer)"),
-    "experimental_softplus_entropy_loss": Option(False, _NS, only_default(False), "quantkit's entropy loss is the "
-                                                                                  "paper's"),
-    "entropy_loss_offset": Option(5.0, "no effect while `experimental_softplus_entropy_loss = False`",
-                                  unless("experimental_softplus_entropy_loss", 5.0)),
+    "experimental_softplus_entropy_loss": Option(False, "`EntropyLoss(softplus_offset=entropy_loss_offset)`: "
+                                                        "softplus(entropy term + offset)"),
+    "entropy_loss_offset": Option(5.0, "the offset of `experimental_softplus_entropy_loss` (unused without it)"),
     "spherical": Option(False, "`LFQ(spherical=True)`: BSQ, inputs and codes on the sphere (arXiv:2406.07548)"),
     "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
                                      "quantkit always quantizes in float32"),
@@ -66,7 +67,8 @@ LFQ_OPTIONS: dict[str, Option] = {
 
 def _entropy(o: dict) -> EntropyLoss:
     # The peer's softmax(2 x.c * inv_temperature) is quantkit's softmax(-||x - c||^2 / t) with t = 1 / inv_temperature.
-    return EntropyLoss(weight=o["entropy_loss_weight"], temperature=0.01, codebook_weight=o["diversity_gamma"])
+    return EntropyLoss(weight=o["entropy_loss_weight"], temperature=0.01, codebook_weight=o["diversity_gamma"],
+                       softplus_offset=o["entropy_loss_offset"] if o["experimental_softplus_entropy_loss"] else None)
 
 
 def _temperature(quantizers, inv_temperature: float):
@@ -112,7 +114,8 @@ class LFQ(nn.Module):
             else self.num_codebooks > 1
         self.channel_first = o["channel_first"]
         self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
-                         entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"])
+                         entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"],
+                         input_clamp=o["soft_clamp_input_value"])
 
     def _split(self, h: Tensor) -> Tensor:
         """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
@@ -141,7 +144,7 @@ class LFQ(nn.Module):
         rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
         with _temperature([self.core], inv_temperature):
             sample, batch = self.core.entropy_terms(rows)
-        commit = F.mse_loss(self.core.to_sphere(rows), self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
+        commit = F.mse_loss(self.core.prepare(rows), self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
         return ret, LossBreakdown(sample, batch, commit)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
@@ -168,7 +171,9 @@ _RLFQ_OWN: dict[str, Option] = {
                                       "batch)"),
     "quantize_dropout_cutoff_index": Option(0, "`ResidualQuantizer(min_depth=cutoff + 1)`"),
     "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
-    "soft_clamp_input_value": Option(None, _NS, only_default(None), "clamp the input before the adapter"),
+    "soft_clamp_input_value": Option(None, "`LFQ(input_clamp=c)` at every level (the peer's c * 2^-d on the "
+                                           "unscaled residual)", lambda v, _: v is None or v >= 1.0,
+                                     "must be >= 1, the first level's codebook_scale (as in the peer)"),
 }
 #: ResidualLFQ's own keywords, then the LFQ keywords it forwards to every level (the codebook scale halves per level:
 #: quantkit's ``layer_scale=0.5``).
@@ -208,6 +213,9 @@ class ResidualLFQ(nn.Module):
             # losses, to rounding). ResidualQuantizer's own commitment_weight keyword shadows the levels' one.
             layer.commitment_weight = float(o["commitment_loss_weight"]) / 4 ** d
             layer.entropy = replace(layer.entropy, temperature=layer.entropy.temperature * 4 ** d)
+            if o["soft_clamp_input_value"] is not None:  # level d sees r / 2^-d: the peer's c 2^-d clamp is c here
+                layer.input_clamp = float(o["soft_clamp_input_value"])
+                layer.identity_gradient = self.rq.identity_gradient = False
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
                 rand_quantize_dropout_fixed_seed: int | None = None):
