@@ -92,6 +92,12 @@ def test_ema_update_weight_matches_peer_after_training(case):
 def test_ema_update_weight_of_the_wrong_shape_is_refused_before_any_change():
     vq = compat.VectorQuantize(dim=8, codebook_size=16).train()
     before = vq.codebook.clone()
+    heads = compat.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True).train()
+    bad_second_head = torch.ones(2, 16)
+    bad_second_head[1, 0] = -1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        heads(torch.randn(2, 10, 8), ema_update_weight=bad_second_head)
+    assert all(q.codebook.step_rule.weight is None for q in heads.quantizers)  # the first head's rule was undone
     with pytest.raises(ValueError, match="ema_update_weight"):
         vq(torch.randn(2, 10, 8), ema_update_weight=torch.ones(15))
     with pytest.raises(ValueError, match=">= 0"):

@@ -12,8 +12,8 @@ become one :class:`quantkit.quantizers.CodebookStep` for the call; ``topk`` is `
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
-from typing import NamedTuple
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -169,14 +169,19 @@ def _per_codebook_weights(weight, codebooks: int, size: int) -> list:
     return [rows[i if rows.shape[0] > 1 else 0] for i in range(codebooks)]
 
 
-def codebook_steps(quantizers, frozen: bool, weight=None, accumulate: bool = False):
-    """One ``CodebookStep`` for this call on every quantizer's codebook (a no-op context for the default step)."""
+@contextmanager
+def codebook_steps(quantizers, frozen: bool, weight=None, accumulate: bool = False) -> Iterator[None]:
+    """One ``CodebookStep`` for this call on every quantizer's codebook (nothing to do for the default step). A
+    refused weight leaves every codebook's rule as it was."""
     if not frozen and weight is None and not accumulate:
-        return nullcontext()
-    stack = ExitStack()
-    for q, w in zip(quantizers, _per_codebook_weights(weight, len(quantizers), quantizers[0].codebook_size)):
-        stack.enter_context(q.codebook.stepping(CodebookStep(weight=w, accumulate=bool(accumulate), frozen=frozen)))
-    return stack
+        yield
+        return
+    weights = _per_codebook_weights(weight, len(quantizers), quantizers[0].codebook_size)
+    with ExitStack() as stack:
+        for q, w in zip(quantizers, weights):
+            stack.enter_context(q.codebook.stepping(CodebookStep(weight=w, accumulate=bool(accumulate),
+                                                                 frozen=frozen)))
+        yield
 
 
 def sampling_temperature(quantizers, temperature: float | None):
