@@ -1,11 +1,11 @@
 """Hierarchical (multi-scale residual) VQ: quantkit's quantizer against closed forms, and the ``HierarchicalVQ``
 adapter against vector-quantize-pytorch with the peer's codebooks and convolutions copied in."""
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _peer_signature import assert_peer_signature
 
 import quantkit.compat.vector_quantize_pytorch as compat
 from quantkit.compat.vector_quantize_pytorch import UnsupportedKeywordError, keyword_table_markdown
@@ -133,11 +133,7 @@ def test_lens_and_training_steps_match_peer():
 
 
 def test_keywords_defaults_and_forward_are_the_peers():
-    ours = inspect.signature(compat.HierarchicalVQ).parameters
-    for key, param in inspect.signature(peer.HierarchicalVQ).parameters.items():
-        assert key in ours and repr(ours[key].default) == repr(param.default), key
-    assert list(inspect.signature(compat.HierarchicalVQ.forward).parameters) == \
-        list(inspect.signature(peer.HierarchicalVQ.forward).parameters)
+    assert_peer_signature(compat.HierarchicalVQ, peer.HierarchicalVQ)
     assert keyword_table_markdown(compat.HierarchicalVQ.keywords) in DOCS.read_text()
 
 

@@ -1,10 +1,10 @@
 """Latent quantization (arXiv:2305.18378): quantkit's quantizer against a float64 reference and closed forms, and
 the ``LatentQuantize`` adapter against vector-quantize-pytorch with the peer's weights copied in."""
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
+from _peer_signature import assert_peer_signature
 
 import quantkit.compat.vector_quantize_pytorch as compat
 from quantkit import testing
@@ -165,10 +165,5 @@ def test_layout_and_keywords_are_checked():
 
 
 def test_keywords_defaults_and_forward_are_the_peers():
-    ours = inspect.signature(compat.LatentQuantize).parameters
-    for key, param in inspect.signature(peer.LatentQuantize).parameters.items():
-        assert key in ours, f"peer keyword {key!r} missing"
-        assert repr(ours[key].default) == repr(param.default), f"{key}: default differs"
-    assert list(inspect.signature(compat.LatentQuantize.forward).parameters) == \
-        list(inspect.signature(peer.LatentQuantize.forward).parameters)
+    assert_peer_signature(compat.LatentQuantize, peer.LatentQuantize)
     assert keyword_table_markdown(compat.LatentQuantize.keywords) in DOCS.read_text()

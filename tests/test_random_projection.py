@@ -1,12 +1,12 @@
 """BEST-RQ's random-projection quantizer (arXiv:2202.01855): quantkit's quantizer against a float64 reference and
 closed forms, and the ``RandomProjectionQuantizer`` adapter against vector-quantize-pytorch with the peer's
 buffers copied in."""
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _peer_signature import assert_peer_signature
 
 import quantkit.compat.vector_quantize_pytorch as compat
 from quantkit import testing
@@ -99,13 +99,7 @@ def test_readme_example_runs():
 
 
 def test_keywords_defaults_and_forward_are_the_peers():
-    ours = inspect.signature(compat.RandomProjectionQuantizer).parameters
-    for key, param in inspect.signature(peer.RandomProjectionQuantizer).parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        assert key in ours and repr(ours[key].default) == repr(param.default), key
-    assert list(inspect.signature(compat.RandomProjectionQuantizer.forward).parameters) == \
-        list(inspect.signature(peer.RandomProjectionQuantizer.forward).parameters)
+    assert_peer_signature(compat.RandomProjectionQuantizer, peer.RandomProjectionQuantizer)
     assert keyword_table_markdown(compat.RandomProjectionQuantizer.keywords) in DOCS.read_text()
 
 

@@ -1,10 +1,10 @@
 """SimVQ (arXiv:2411.02038): quantkit's quantizer against a float64 reference and its invariants, and the
 ``SimVQ`` / ``ResidualSimVQ`` adapters against vector-quantize-pytorch with the peer's weights copied in."""
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
+from _peer_signature import assert_peer_signature
 from torch import nn
 
 import quantkit.compat.vector_quantize_pytorch as compat
@@ -199,17 +199,9 @@ def test_unsupported_values_raise_naming_the_keyword():
 
 @pytest.mark.parametrize("name", ["SimVQ", "ResidualSimVQ"])
 def test_keywords_defaults_and_forward_are_the_peers(name):
-    ours = inspect.signature(getattr(compat, name)).parameters
-    theirs = inspect.signature(getattr(peer, name)).parameters
-    simvq_keywords = inspect.signature(peer.SimVQ).parameters
-    for key, param in [*theirs.items(), *(simvq_keywords.items() if name == "ResidualSimVQ" else ())]:
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            continue
-        assert key in ours, f"{name}: peer keyword {key!r} missing"
-        if key != "init_fn":  # the peer's default is its own identity function
-            assert repr(ours[key].default) == repr(param.default), f"{name}.{key}: default differs"
-    assert list(inspect.signature(getattr(compat, name).forward).parameters) == \
-        list(inspect.signature(getattr(peer, name).forward).parameters)
+    # ResidualSimVQ forwards SimVQ's keywords; init_fn's peer default is its own identity function
+    also = (peer.SimVQ,) if name == "ResidualSimVQ" else ()
+    assert_peer_signature(getattr(compat, name), getattr(peer, name), also=also, skip_default=("init_fn",))
 
 
 def test_init_fn_is_applied_to_the_frozen_codebook():
