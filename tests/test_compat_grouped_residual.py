@@ -96,8 +96,9 @@ def test_grouped_signatures_and_errors(name):
     required = dict(levels=[5, 5]) if name == "GroupedResidualFSQ" else dict(codebook_size=4)
     with pytest.raises(ValueError, match="groups"):
         getattr(compat, name)(dim=6, groups=4, num_quantizers=2, **required)
-    with pytest.raises(compat.UnsupportedKeywordError, match="orthogonal_rotation"):
-        getattr(compat, name)(dim=4, groups=2, num_quantizers=2, orthogonal_rotation=True, **required)
+    refused = "orthogonal_rotation" if name == "GroupedResidualFSQ" else "cosine_sim_project_in"
+    with pytest.raises(compat.UnsupportedKeywordError, match=refused):
+        getattr(compat, name)(dim=4, groups=2, num_quantizers=2, **{refused: True}, **required)
 
 
 @pytest.mark.parametrize("spherical", [False, True])

@@ -61,3 +61,30 @@ def test_lfq_options_match_peer(name, options):
     (out_p[0].square().sum() + out_p[2].sum()).backward()
     (out_a[0].square().sum() + out_a[2].sum()).backward()
     torch.testing.assert_close(xa.grad, xp.grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("LFQ", dict(dim=8, codebook_size=2 ** 8, commitment_loss_weight=0.25)),
+    ("LFQ", dict(dim=12, codebook_size=2 ** 4, num_codebooks=2, spherical=True)),
+    ("ResidualLFQ", dict(dim=8, codebook_size=2 ** 8, num_quantizers=2)),
+], ids=["lfq", "lfq_two_codebooks_spherical", "residual"])
+def test_orthogonal_rotation_matches_peer(name, options):
+    torch.manual_seed(0)
+    p = getattr(peer, name)(orthogonal_rotation=True, **options)
+    a = getattr(compat, name)(orthogonal_rotation=True, **options).load_peer_state_dict(p.state_dict())
+    x = torch.randn(2, 128, options["dim"])
+    p.eval(), a.eval()
+    out_p, out_a = p(x), a(x)
+    assert torch.equal(out_a[1], out_p[1])
+    torch.testing.assert_close(out_a[0], out_p[0], atol=1e-5, rtol=0)
+    if name == "LFQ":
+        torch.testing.assert_close(a.indices_to_codes(out_a[1]), p.indices_to_codes(out_p[1]), atol=1e-5, rtol=0)
+        p.train(), a.train()
+        (_, br_p), (_, br_a) = p(x, return_loss_breakdown=True), a(x, return_loss_breakdown=True)
+        torch.testing.assert_close(br_a.per_sample_entropy, br_p.per_sample_entropy, atol=1e-5, rtol=1e-4)
+        if options.get("commitment_loss_weight"):
+            torch.testing.assert_close(br_a.commitment, br_p.commitment, atol=1e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(a.get_output_from_indices(out_a[1]), out_a[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="orthogonal_rot"):
+        getattr(compat, name)(**options).load_peer_state_dict(p.state_dict())

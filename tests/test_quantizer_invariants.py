@@ -281,6 +281,7 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
     ("vq", dict(sampling=Sampling()), ("mask",)),
     ("lfq", dict(dim=8), ()),
     ("lfq", dict(dim=8, spherical=True), ()),
+    ("lfq", dict(rotation=True, input_clamp=1.5, entropy=dict(softplus_offset=5.0)), ()),
     ("fsq", dict(dim=6), ()),
     ("softvq", dict(metric="l2", learnable_temperature=True), ()),
     ("residual", dict(dim=8, quantizer="vq", codebook_size=16, levels=None, layer_scale=None), ()),

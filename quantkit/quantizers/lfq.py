@@ -69,6 +69,9 @@ class LFQ(Quantizer):
             codebook_scale; the gradient then passes through the normalization (not the identity).
         input_clamp: when set, the projected vector is soft-clamped to +-c first, c * tanh(h / c) (c >=
             codebook_scale), so no input lies far beyond the codes.
+        rotation: quantize h R for a fixed random orthogonal R (a buffer, drawn at construction) and return the
+            code times R^T: the codebook becomes a rotated hypercube, whose axes need not match the encoder's
+            (the incoherence rotation of QuIP, arXiv:2307.13304; vector-quantize-pytorch's orthogonal_rotation).
     """
 
     may_skip_depths = False
@@ -76,7 +79,7 @@ class LFQ(Quantizer):
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
                  channel_first: bool = False, projection_bias: bool = True, spherical: bool = False,
-                 input_clamp: float | None = None):
+                 input_clamp: float | None = None, rotation: bool = False):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
             raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
         try:
@@ -95,6 +98,10 @@ class LFQ(Quantizer):
         self.codebook_scale = float(codebook_scale)
         self.spherical = bool(spherical)
         self.input_clamp = None if input_clamp is None else float(input_clamp)
+        if rotation:
+            self.register_buffer("rotation", torch.nn.init.orthogonal_(torch.empty(bits, bits)))  # (bits, bits)
+        else:
+            self.rotation = None
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
         # plain straight-through unless projections or the spherical normalization surround it
         self.identity_gradient = self.dim == bits and not self.spherical and self.input_clamp is None
@@ -110,22 +117,32 @@ class LFQ(Quantizer):
         return F.normalize(h, dim=-1) * self.codebook_scale if self.spherical else h
 
     def prepare(self, h: Tensor) -> Tensor:
-        """Projected rows (..., bits) -> what the signs are taken of: soft-clamped (input_clamp), then on the sphere
-        (spherical)."""
+        """Projected rows (..., bits) -> what the signs are taken of: soft-clamped (input_clamp), rotated (rotation),
+        then on the sphere (spherical)."""
         if self.input_clamp is not None:
             h = (h / self.input_clamp).tanh() * self.input_clamp
+        if self.rotation is not None:
+            h = h @ self.rotation.to(h.dtype)
         return self.to_sphere(h)
+
+    def _rotate_back(self, codes: Tensor) -> Tensor:
+        return codes if self.rotation is None else codes @ self.rotation.to(codes.dtype).T
 
     @property
     def code_value(self) -> float:
         """|c_i| of every code's every entry: codebook_scale, or codebook_scale / sqrt(bits) when spherical."""
         return self.codebook_scale / self.bits ** 0.5 if self.spherical else self.codebook_scale
 
-    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Indices (...) -> codes (..., bits) in {-scale, +scale} (on the sphere when spherical), before the output
-        projection."""
+    def indices_to_sign_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Indices (...) -> the sign vectors (..., bits) in {-scale, +scale} (on the sphere when spherical): the codes
+        in the space where the signs are taken, before the rotation back."""
         bits = (indices.unsqueeze(-1) & self._powers(indices)) != 0
         return self.to_sphere(torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype))
+
+    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Indices (...) -> codes (..., bits) before the output projection: the sign vectors, rotated back when
+        rotation is on."""
+        return self._rotate_back(self.indices_to_sign_codes(indices, dtype))
 
     def bit_logits(self, h: Tensor) -> Tensor:
         """Projected rows (N, bits) (on the sphere when spherical) -> logits of p(bit = 1) under
@@ -147,7 +164,7 @@ class LFQ(Quantizer):
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h = self.prepare(self.project_in(z))  # (N, bits)
         codes, indices = self._hard(h)
-        quantized = self.project_out(straight_through(h, codes))
+        quantized = self.project_out(self._rotate_back(straight_through(h, codes)))
         if mask is not None:  # masked-out rows take no part in the loss
             h, codes = h[mask], codes[mask]
         loss = z.new_zeros(())
@@ -167,11 +184,13 @@ class LFQ(Quantizer):
         return quantized, indices, loss
 
     def _encode(self, z: Tensor) -> Tensor:
-        return self._hard(self.project_in(z))[1]
+        h = self.project_in(z)
+        return self._hard(h if self.rotation is None else self.prepare(h))[1]  # clamp and sphere keep the signs
 
     def _decode(self, indices: Tensor) -> Tensor:
         return self.project_out(self.indices_to_codes(indices))
 
     def extra_repr(self) -> str:
-        spherical = ", spherical=True" if self.spherical else ""
+        spherical = (", spherical=True" if self.spherical else "") + (", rotation=True" if self.rotation is not None
+                                                                        else "")
         return f"bits={self.bits}, codebook_scale={self.codebook_scale}{spherical}, " + super().extra_repr()

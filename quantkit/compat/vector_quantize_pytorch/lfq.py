@@ -61,7 +61,8 @@ LFQ_OPTIONS: dict[str, Option] = {
     "spherical": Option(False, "`LFQ(spherical=True)`: BSQ, inputs and codes on the sphere (arXiv:2406.07548)"),
     "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
                                      "quantkit always quantizes in float32"),
-    "orthogonal_rotation": Option(False, _NS, only_default(False), "no code rotation in quantkit's LFQ"),
+    "orthogonal_rotation": Option(False, "`LFQ(rotation=True)`: a fixed random orthogonal rotation around the sign "
+                                         "step (`load_peer_state_dict` copies the peer's)"),
 }
 
 
@@ -87,6 +88,15 @@ def _positions_mask(mask: Tensor, positions: tuple[int, ...]) -> Tensor:
         raise ValueError(f"LFQ: mask must have shape (B,) = ({positions[0]},) or one entry per position "
                          f"{tuple(positions)} (packed (B, N) allowed), got {tuple(mask.shape)}")
     return mask.reshape(positions)
+
+
+def _load_rotation(core: _LFQ, state: dict[str, Tensor], key: str) -> None:
+    """The peer's rotation R (its bit order, most significant first) as quantkit's: P R P, P the bit reversal."""
+    if (key in state) != (core.rotation is not None):
+        raise ValueError(f"load_peer_state_dict: {key} is {'in' if key in state else 'missing from'} the peer's state "
+                         "and orthogonal_rotation is not so here (were both built with the same keywords?)")
+    if core.rotation is not None:
+        core.rotation.copy_(state[key].flip(0).flip(1))
 
 
 class LFQ(nn.Module):
@@ -115,7 +125,7 @@ class LFQ(nn.Module):
         self.channel_first = o["channel_first"]
         self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
                          entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"],
-                         input_clamp=o["soft_clamp_input_value"])
+                         input_clamp=o["soft_clamp_input_value"], rotation=o["orthogonal_rotation"])
 
     def _split(self, h: Tensor) -> Tensor:
         """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
@@ -144,7 +154,8 @@ class LFQ(nn.Module):
         rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
         with _temperature([self.core], inv_temperature):
             sample, batch = self.core.entropy_terms(rows)
-        commit = F.mse_loss(self.core.prepare(rows), self.core.indices_to_codes(self.core.encode(rows), rows.dtype))
+        signs = self.core.indices_to_sign_codes(self.core.encode(rows), rows.dtype)
+        commit = F.mse_loss(self.core.prepare(rows), signs)
         return ret, LossBreakdown(sample, batch, commit)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
@@ -160,8 +171,9 @@ class LFQ(nn.Module):
 
     @torch.no_grad()
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "LFQ":
-        """Copies a peer ``LFQ.state_dict()`` (its projections; the rest is fixed)."""
+        """Copies a peer ``LFQ.state_dict()`` (its projections and orthogonal rotation; the rest is fixed)."""
         load_projections(self, state)
+        _load_rotation(self.core, state, "orthogonal_rot")
         return self
 
 
@@ -205,7 +217,7 @@ class ResidualLFQ(nn.Module):
         dropout = bool(o["quantize_dropout"]) and self.num_quantizers > 1
         self.rq = ResidualQuantizer(self.codebook_dim, "lfq", depth=self.num_quantizers, codebook_size=codebook_size,
                                     entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
-                                    spherical=o["spherical"],
+                                    spherical=o["spherical"], rotation=o["orthogonal_rotation"],
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         for d, layer in enumerate(self.rq.layers):
             # Level d sees the residual scaled by 2^d against codes +-1, the peer's sees it unscaled against codes
@@ -241,6 +253,8 @@ class ResidualLFQ(nn.Module):
     @torch.no_grad()
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "ResidualLFQ":
         load_projections(self, state)
+        for d, layer in enumerate(self.rq.layers):
+            _load_rotation(layer, state, f"layers.{d}.orthogonal_rot")
         return self
 
 
