@@ -26,7 +26,7 @@ def test_output_is_the_sum_of_upsampled_residual_codes():
     x = torch.randn(3, 4, 4, 4)
     out = q(x)
     residual, x_hat = x.double(), torch.zeros_like(x, dtype=torch.float64)
-    for k, idx in enumerate(q.split_levels(out.indices)):
+    for k, idx in enumerate(q.split_scales(out.indices)):
         codebook = q.level_vq(k).codebook.weight.double()  # (K_k, C)
         down = F.adaptive_avg_pool2d(residual, q.level_shapes[k]).permute(0, 2, 3, 1)  # (B, h, w, C)
         nearest = torch.cdist(down.reshape(-1, 4), codebook).argmin(-1).reshape(idx.shape)

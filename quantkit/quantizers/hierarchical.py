@@ -20,8 +20,8 @@ estimator, upsampling and phi), per-position masks, and nested dropout: in train
 draw per batch, and the loss is the mean of the kept levels' losses.
 
 The one idea to hold: a row of this quantizer is a whole map. ``indices`` is (B, L), every level's token map
-flattened and concatenated coarse to fine (``split_levels`` gives the maps back); each level's search is its
-VectorQuantizer's fused ``nearest_codeword``.
+flattened and concatenated coarse to fine (``split_scales`` / ``encode_scales`` give the maps, as on
+:class:`MultiScaleResidualQuantizer`); each level's search is its VectorQuantizer's fused ``nearest_codeword``.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class HierarchicalVQ(Quantizer):
         n = len(self.phi)
         return self.phi[0] if n == 1 else self.phi[round(k / max(self.num_levels - 1, 1) * (n - 1))]
 
-    def split_levels(self, indices: Tensor) -> list[Tensor]:
+    def split_scales(self, indices: Tensor) -> list[Tensor]:
         """indices (B, L) -> every level's token map (B, *shape_k)."""
         counts = [math.prod(s) for s in self.level_shapes]
         if indices.dim() != 2 or indices.shape[1] != sum(counts):
@@ -280,12 +280,17 @@ class HierarchicalVQ(Quantizer):
         return QuantizerOutput(out.to(x.dtype), indices, loss.float(), stats)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """x (B, dim, *spatial) -> indices (B, L); never changes a parameter or buffer."""
+    def encode_scales(self, x: Tensor) -> list[Tensor]:
+        """x (B, dim, *spatial) -> every level's token map [(B, *shape_k) int64]; never changes a parameter or
+        buffer."""
         f, _ = self._check_map(x, None)
         with full_precision(f.device):
-            maps = self._levels(f, None, pure=True)[0]
-        return torch.cat([m.flatten(1) for m in maps], dim=1)
+            return self._levels(f, None, pure=True)[0]
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """x (B, dim, *spatial) -> indices (B, L); never changes a parameter or buffer."""
+        return torch.cat([m.flatten(1) for m in self.encode_scales(x)], dim=1)
 
     def decode(self, indices: Tensor, full_shape: Sequence[int] | None = None) -> Tensor:
         """indices (B, L) -> the output (B, dim, *full_shape) (default: the finest level's shape), float32; a -1
@@ -295,7 +300,7 @@ class HierarchicalVQ(Quantizer):
         full_shape = tuple(self.level_shapes[-1] if full_shape is None else full_shape)
         out = None
         with full_precision(indices.device):
-            for k, idx in enumerate(self.split_levels(indices)):
+            for k, idx in enumerate(self.split_scales(indices)):
                 size = self.codebook_sizes[k]
                 if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= size):
                     raise ValueError(f"HierarchicalVQ: indices of level {k} must lie in [0, {size}) or be -1 (no "

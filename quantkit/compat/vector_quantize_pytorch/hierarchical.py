@@ -81,7 +81,7 @@ class HierarchicalVQ(nn.Module):
             out = self.core(x, mask=mask)
         recon = out.quantized if self.channel_first else out.quantized.movedim(1, -1)
         loss = out.loss if self.training else torch.zeros((), device=x.device)
-        ret = (recon, tuple(self.core.split_levels(out.indices)), loss)
+        ret = (recon, tuple(self.core.split_scales(out.indices)), loss)
         return (*ret, self.core.last_cutoff) if return_cutoff else ret
 
     def get_output_from_indices(self, indices, full_shape=None) -> Tensor:
