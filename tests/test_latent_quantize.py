@@ -89,7 +89,8 @@ peer = pytest.importorskip("vector_quantize_pytorch")
 
 CASES = [([8, 5, 5, 5], dict(dim=4), (2, 4, 6, 5)), ([4, 5, 3], dict(dim=16), (2, 16, 30)),
          ([4, 5, 3], dict(dim=8, num_codebooks=2), (2, 8, 10)), (4, dict(dim=3, codebook_dim=3), (2, 3, 7)),
-         ([8, 5, 5, 5], dict(dim=4, optimize_values=False), (9, 4))]
+         ([8, 5, 5, 5], dict(dim=4, optimize_values=False), (9, 4)),
+         ([4, 5, 3], dict(dim=3, keep_num_codebooks_dim=True), (2, 3, 5))]
 
 
 def _pair(levels, **kwargs):
@@ -100,7 +101,7 @@ def _pair(levels, **kwargs):
 
 
 @pytest.mark.parametrize("levels, options, shape", CASES, ids=["image", "projected", "codebooks", "int_levels",
-                                                               "fixed_values_2d"])
+                                                               "fixed_values_2d", "keep_codebook_axis"])
 def test_latent_quantize_matches_peer(levels, options, shape):
     p, a = _pair(levels, **options)
     x = torch.randn(*shape)

@@ -123,6 +123,18 @@ def test_simvq_matches_peer_in_eval(options):
     torch.testing.assert_close(a.codebook, p.codebook, atol=0, rtol=0)
 
 
+def test_simvq_with_an_mlp_codebook_transform_matches_peer():
+    """The README's MLP transform: the adapter gets its own module of that shape, load_peer_state_dict fills it."""
+    def mlp():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    torch.manual_seed(0)
+    p = peer.SimVQ(dim=16, codebook_size=64, codebook_transform=mlp()).eval()
+    a = compat.SimVQ(dim=16, codebook_size=64, codebook_transform=mlp()).load_peer_state_dict(p.state_dict()).eval()
+    x = torch.randn(3, 40, 16)
+    _assert_same(p(x), a(x))
+
+
 @pytest.mark.parametrize("rotation_trick", [True, False])
 def test_simvq_training_steps_match_peer(rotation_trick):
     """SimVQ is deterministic: SGD on (loss + a fixed function of the output) moves both transforms alike, and the
