@@ -3,6 +3,7 @@
     python benchmarks/bench_compat.py --quick     # small shapes (a few minutes on 2 busy cores)
     python benchmarks/bench_compat.py --threads 1 # the full shapes (about 25 min on one busy core)
     python benchmarks/bench_compat.py --device cuda
+    python benchmarks/bench_compat.py --only "ResidualVQ beam 4" "ResidualVQ QINCo" --stem compat_residual_options
 
 Each (case, implementation, mode) runs in a fresh subprocess: build the module with the same keywords (the adapter
 holding the peer's weights), one warm-up call, then ``--repeats`` timed calls (median reported). Peak memory is the
@@ -36,12 +37,20 @@ CASES = {
     "ResidualVQ 8x1024": ("ResidualVQ", dict(dim=256, num_quantizers=8, codebook_size=1024), (4, 1024, 256)),
     "FSQ [8,5,5,5]": ("FSQ", dict(levels=[8, 5, 5, 5], dim=256), (4, 1024, 256)),
     "LFQ 2^16": ("LFQ", dict(codebook_size=65536, dim=16), (4, 1024, 16)),
+    # 16,384 tokens: beam search over residual paths (quantkit: the fused top-k search) and QINCo's per-token
+    # codebooks (the peer builds N x K x dim; quantkit searches in chunks and recomputes only the chosen codes).
+    "ResidualVQ beam 4": ("ResidualVQ", dict(dim=32, num_quantizers=4, codebook_size=256, beam_size=4),
+                          (16, 1024, 32)),
+    "ResidualVQ QINCo": ("ResidualVQ", dict(dim=16, num_quantizers=4, codebook_size=64, implicit_neural_codebook=True),
+                         (16, 1024, 16)),
 }
 QUICK = {
     "VectorQuantize K=8192": (1, 512, 256),
     "ResidualVQ 8x1024": (1, 512, 256),
     "FSQ [8,5,5,5]": (1, 512, 256),
     "LFQ 2^16": (1, 512, 16),
+    "ResidualVQ beam 4": (1, 512, 32),
+    "ResidualVQ QINCo": (1, 512, 16),
 }
 
 
@@ -159,6 +168,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", help="case names to run (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--stem", help="output file name (default: compat[_quick][_cuda])")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -169,7 +179,7 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "compat" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
+    stem = args.stem or "compat" + ("_quick" if args.quick else "") + ("_cuda" if args.device == "cuda" else "")
     settings = {**vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count()}
     command = " ".join(["python benchmarks/bench_compat.py"] + sys.argv[1:])
     rows = []

@@ -51,8 +51,9 @@ from .vq import directional_reparam, masked_mse
 
 __all__ = ["ResidualQuantizer", "BeamSearch", "ImplicitCodebook"]
 
-#: Elements of one chunk of QINCo's per-vector codebooks (chunk x K x max(dim, hidden)): 16 MiB of float32.
-_IMPLICIT_CHUNK_ELEMENTS = 1 << 22
+#: Elements of one chunk of QINCo's per-vector codebooks (chunk x K x max(dim, hidden)): 1 MiB of float32, which stays
+#: in cache (measured at 16,384 tokens: 2^18 ran 3x faster in eval than 2^22, at a quarter of the peak memory).
+_IMPLICIT_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
