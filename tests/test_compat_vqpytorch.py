@@ -192,7 +192,7 @@ def test_forward_keywords_are_the_peers(name):
     ("VectorQuantize", "orthogonal_reg_weight", 10.0), ("VectorQuantize", "straight_through", True),
     ("VectorQuantize", "in_place_codebook_optimizer", torch.optim.SGD),
     ("FSQ", "noise_dropout", 0.1),
-    ("LFQ", "cosine_sim_project_in", True), ("ResidualLFQ", "quantize_dropout_multiple_of", 2),
+    ("LFQ", "force_quantization_f32", False), ("ResidualLFQ", "quantize_dropout_multiple_of", 2),
 ])
 def test_unsupported_keyword_raises_naming_it(name, keyword, value):
     required = {"VectorQuantize": dict(dim=8, codebook_size=16), "ResidualVQ": dict(dim=8, codebook_size=16,

@@ -41,7 +41,9 @@ import quantkit.compat.vector_quantize_pytorch as compat  # noqa: E402
                  spherical=True)),
     ("ResidualLFQ", dict(dim=8, codebook_size=2 ** 8, num_quantizers=3, soft_clamp_input_value=1.5,
                          commitment_loss_weight=0.25, experimental_softplus_entropy_loss=True)),
-], ids=["lfq_clamp", "lfq_softplus_spherical", "residual_clamp_softplus"])
+    ("LFQ", dict(dim=16, codebook_size=2 ** 8, cosine_sim_project_in=True, cosine_sim_project_in_scale=2.0,
+                 commitment_loss_weight=0.25)),
+], ids=["lfq_clamp", "lfq_softplus_spherical", "residual_clamp_softplus", "lfq_cosine_projection"])
 def test_lfq_options_match_peer(name, options):
     torch.manual_seed(0)
     p = getattr(peer, name)(**options)
@@ -61,6 +63,8 @@ def test_lfq_options_match_peer(name, options):
     (out_p[0].square().sum() + out_p[2].sum()).backward()
     (out_a[0].square().sum() + out_a[2].sum()).backward()
     torch.testing.assert_close(xa.grad, xp.grad, atol=1e-4, rtol=1e-3)
+    if a.has_projections:
+        torch.testing.assert_close(a.project_in.weight.grad, p.project_in.weight.grad, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name, options", [
@@ -88,3 +92,9 @@ def test_orthogonal_rotation_matches_peer(name, options):
         torch.testing.assert_close(a.get_output_from_indices(out_a[1]), out_a[0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="orthogonal_rot"):
         getattr(compat, name)(**options).load_peer_state_dict(p.state_dict())
+
+
+
+def test_cosine_projection_needs_a_projection_to_replace():
+    with pytest.raises(ValueError, match="cosine_projection"):
+        LFQ(codebook_size=16, cosine_projection=1.0)

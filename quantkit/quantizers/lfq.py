@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._registry import register_quantizer
-from .base import Quantizer, bits_for
+from .base import Quantizer, bits_for, full_precision
 from .entropy import codebook_entropy, per_sample_entropy
 from .fsq import projections
 from .gradients import straight_through
 
-__all__ = ["LFQ", "EntropyLoss"]
+__all__ = ["LFQ", "EntropyLoss", "CosineLinear"]
 
 
 @dataclass
@@ -54,6 +54,29 @@ class EntropyLoss:
             raise ValueError(f"EntropyLoss: chunk_size must be a positive int, got {self.chunk_size!r}")
 
 
+class CosineLinear(nn.Module):
+    """x (..., in) -> scale * normalize(x) @ normalize(W, dim=0), W (in, out), no bias: every output is a cosine
+    times ``scale``, so the projected vector is bounded whatever the encoder's scale (vector-quantize-pytorch's
+    ``cosine_sim_project_in`` for LFQ). Computes in the weight's dtype (float32 under autocast too)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"CosineLinear: scale must be positive, got {scale!r}")
+        self.weight = nn.Parameter(torch.randn(in_features, out_features))  # (in, out)
+        self.bias = None
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with full_precision(x.device):
+            w = F.normalize(self.weight, dim=0)
+            out = (F.normalize(x.to(w.dtype), dim=-1) @ w) * self.scale
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[0]}, out_features={self.weight.shape[1]}, scale={self.scale}"
+
+
 @register_quantizer("lfq", example=dict(dim=4, codebook_size=16))
 class LFQ(Quantizer):
     """LFQ with ``codebook_size`` codes (a power of two).
@@ -72,6 +95,8 @@ class LFQ(Quantizer):
         rotation: quantize h R for a fixed random orthogonal R (a buffer, drawn at construction) and return the
             code times R^T: the codebook becomes a rotated hypercube, whose axes need not match the encoder's
             (the incoherence rotation of QuIP, arXiv:2307.13304; vector-quantize-pytorch's orthogonal_rotation).
+        cosine_projection: when set (a scale s), the input projection is a :class:`CosineLinear` of scale s
+            (needs dim != bits).
     """
 
     may_skip_depths = False
@@ -79,7 +104,7 @@ class LFQ(Quantizer):
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
                  channel_first: bool = False, projection_bias: bool = True, spherical: bool = False,
-                 input_clamp: float | None = None, rotation: bool = False):
+                 input_clamp: float | None = None, rotation: bool = False, cosine_projection: float | None = None):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
             raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
         try:
@@ -103,6 +128,10 @@ class LFQ(Quantizer):
         else:
             self.rotation = None
         self.project_in, self.project_out = projections(self.dim, bits, projection_bias)
+        if cosine_projection is not None:
+            if self.dim == bits:
+                raise ValueError(f"LFQ: cosine_projection needs an input projection, i.e. dim != bits = {bits}")
+            self.project_in = CosineLinear(self.dim, bits, cosine_projection)
         # plain straight-through unless projections or the spherical normalization surround it
         self.identity_gradient = self.dim == bits and not self.spherical and self.input_clamp is None
 

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from ...quantizers import LFQ as _LFQ
 from ...quantizers import EntropyLoss, ResidualQuantizer
+from ...quantizers.lfq import CosineLinear
 from ...quantizers.base import bits_for
 from ...quantizers.projection import ThinLinear
 from ._common import (REQUIRED, Option, decode_with_sentinel, from_channels_last, load_projections, only_default,
-                      parse_options, reject_call, set_signature, swapped, to_channels_last, unless)
+                      parse_options, reject_call, set_signature, swapped, to_channels_last)
 from .residual_vq import residual_losses
 
 __all__ = ["LFQ", "ResidualLFQ", "Return", "LossBreakdown", "LFQ_OPTIONS", "RLFQ_OPTIONS"]
@@ -51,9 +52,9 @@ LFQ_OPTIONS: dict[str, Option] = {
     "soft_clamp_input_value": Option(None, "`LFQ(input_clamp=...)`: c * tanh(h / c) after the projection",
                                      lambda v, vals: v is None or v >= vals["codebook_scale"],
                                      "must be >= codebook_scale (as in the peer)"),
-    "cosine_sim_project_in": Option(False, _NS, only_default(False), "no cosine-similarity projection in quantkit"),
-    "cosine_sim_project_in_scale": Option(None, "no effect while `cosine_sim_project_in = False`",
-                                          unless("cosine_sim_project_in", None)),
+    "cosine_sim_project_in": Option(False, "the adapter's `project_in` is quantkit's `CosineLinear` "
+                                           "(`LFQ(cosine_projection=scale)`), when there are projections"),
+    "cosine_sim_project_in_scale": Option(None, "its scale (None: codebook_scale)"),
     "channel_first": Option(None, "adapter layout (None: channel-first for 4-D and 5-D input, as in the peer)"),
     "experimental_softplus_entropy_loss": Option(False, "`EntropyLoss(softplus_offset=entropy_loss_offset)`: "
                                                         "softplus(entropy term + offset)"),
@@ -119,6 +120,9 @@ class LFQ(nn.Module):
         self.has_projections = o["has_projections"] if o["has_projections"] is not None else self.dim != codebook_dims
         bias = o["projection_has_bias"]
         self.project_in = ThinLinear(self.dim, codebook_dims, bias=bias) if self.has_projections else nn.Identity()
+        if self.has_projections and o["cosine_sim_project_in"]:
+            scale = o["cosine_sim_project_in_scale"]
+            self.project_in = CosineLinear(self.dim, codebook_dims, o["codebook_scale"] if scale is None else scale)
         self.project_out = ThinLinear(codebook_dims, self.dim, bias=bias) if self.has_projections else nn.Identity()
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
             else self.num_codebooks > 1
@@ -183,6 +187,9 @@ _RLFQ_OWN: dict[str, Option] = {
                                       "batch)"),
     "quantize_dropout_cutoff_index": Option(0, "`ResidualQuantizer(min_depth=cutoff + 1)`"),
     "quantize_dropout_multiple_of": Option(1, _NS, only_default(1), "quantkit draws any prefix length"),
+    "cosine_sim_project_in": Option(False, "no effect: the peer's levels have no projections (it asserts so), and "
+                                           "its own `project_in` is a Linear"),
+    "cosine_sim_project_in_scale": Option(None, "no effect (see `cosine_sim_project_in`)"),
     "soft_clamp_input_value": Option(None, "`LFQ(input_clamp=c)` at every level (the peer's c * 2^-d on the "
                                            "unscaled residual)", lambda v, _: v is None or v >= 1.0,
                                      "must be >= 1, the first level's codebook_scale (as in the peer)"),
