@@ -153,3 +153,72 @@ def test_dit_with_flow_learns_class_conditional_means():
 def test_bad_requests_raise_errors_naming_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the shared trainer on a KL-VAE's latents (an untrained tiny tokenizer: only the plumbing is under test)
+
+@pytest.fixture(scope="module")
+def tiny_klvae(tmp_path_factory):
+    """An untrained tiny KL-VAE checkpoint on 8x8 digits (latents 4x4x3), and a discrete VQVAE one."""
+    from quantkit.tokenizers import create_tokenizer
+    from quantkit.tokenizers.train import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tok")
+    kl = create_tokenizer("klvae", image_size=8, channels=1, ch=8, ch_mult=(1, 2), z_channels=8, embed_dim=3,
+                          norm_groups=4, mid_attention=False)
+    vq = create_tokenizer("vqvae", image_size=8, hidden=8, res_hidden=4, embed_dim=2, num_res_blocks=1,
+                          quantizer="fsq", quantizer_kwargs={"levels": [4, 4]})
+    save_checkpoint(root / "kl", 0, kl, None, None)
+    save_checkpoint(root / "vq", 0, vq, None, None)
+    return {"kl": str(root / "kl"), "vq": str(root / "vq")}
+
+
+def _continuous_cfg(tok, out, generator="mar", **kw):
+    from quantkit.generators.train import GeneratorTrainConfig
+
+    model = {"mar": dict(dim=16, depth=1, heads=2, head_width=16, head_depth=1, process="ddpm",
+                         process_kwargs={"num_timesteps": 50, "default_steps": 3}, default_steps=2),
+             "dit": dict(dim=16, depth=1, heads=2, patch_size=2, process="meanflow")}.get(generator)
+    base = dict(generator=generator, tokenizer=tok, out_dir=str(out), steps=4, batch_size=8, log_every=1,
+                checkpoint_every=2, progress=False, model_config=model)
+    return GeneratorTrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("generator", ["mar", "dit"])
+def test_resumed_continuous_run_repeats_the_losses_and_weights_of_an_uninterrupted_one(tiny_klvae, tmp_path,
+                                                                                      generator):
+    from quantkit.generators.train import load_generator, train_generator
+
+    full = train_generator(_continuous_cfg(tiny_klvae["kl"], tmp_path / "full", generator))
+    train_generator(_continuous_cfg(tiny_klvae["kl"], tmp_path / "part", generator, steps=2))
+    resumed = train_generator(_continuous_cfg(tiny_klvae["kl"], tmp_path / "part", generator), resume=True)
+    assert [s for s, _ in resumed.losses] == [1, 2, 3, 4]
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in full.losses], abs=1e-6)
+    (a, _), (b, _) = load_generator(tmp_path / "full"), load_generator(tmp_path / "part")
+    assert a.continuous and a.latent_shape == (4, 4, 3)
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=1e-6)
+
+
+def test_samples_of_a_continuous_run_decode_to_images_in_the_unit_range(tiny_klvae, tmp_path):
+    from quantkit.evaluation.generation import sample_images
+    from quantkit.generators.train import generator_tokenizer_path, load_generator, train_generator
+    from quantkit.tokenizers import load_tokenizer
+
+    train_generator(_continuous_cfg(tiny_klvae["kl"], tmp_path / "run", steps=2))
+    model, meta = load_generator(tmp_path / "run")
+    tokenizer = load_tokenizer(generator_tokenizer_path(tmp_path / "run", meta))  # the copy the run carries
+    images, latents, _ = sample_images(model, tokenizer, torch.tensor([0, 3, 9]), seed=0)
+    assert images.shape == (3, 1, 8, 8) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert latents.shape == (3, 4, 4, 3) and latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+
+def test_continuous_generators_and_discrete_tokenizers_are_not_paired(tiny_klvae, tmp_path):
+    from quantkit.generators.train import train_generator
+
+    with pytest.raises(ValueError, match="pair MAR / DiT with a continuous tokenizer"):
+        train_generator(_continuous_cfg(tiny_klvae["vq"], tmp_path / "a"))
+    with pytest.raises(ValueError, match="pair MAR / DiT with a continuous tokenizer"):
+        train_generator(_continuous_cfg(tiny_klvae["kl"], tmp_path / "b", generator="maskgit",
+                                        model_config={"dim": 16, "depth": 1, "heads": 2}))
