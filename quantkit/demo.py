@@ -30,9 +30,13 @@ TOKENIZER_RECIPES = {
                quantizer="multiscale_residual", quantizer_kwargs={"codebook_size": 64, "patch_nums": [1, 2, 4, 8]}),
     "rq": dict(model="vqvae", model_config={"num_downsamples": 2, "embed_dim": 3, "hidden": 48}, quantizer="residual",
                quantizer_kwargs={"quantizer": "fsq", "levels": [4, 4, 4], "depth": 3}),
+    # the continuous tokenizer: a KL-VAE with 8x8x4 latents (MAR, DiT)
+    "kl": dict(model="klvae", model_config={"ch": 32, "ch_mult": [1, 2], "z_channels": 32, "embed_dim": 4,
+                                            "kl_weight": 1e-6}),
 }
 #: Which tokenizer recipe each generator consumes.
-TOKENIZER_OF = {"maskgit": "grid", "pixelcnn": "grid", "var": "ms", "rq_transformer": "rq"}
+TOKENIZER_OF = {"maskgit": "grid", "pixelcnn": "grid", "var": "ms", "rq_transformer": "rq", "mar_ddpm": "kl",
+                "mar_flow": "kl", "dit_meanflow": "kl"}
 
 
 @dataclass(frozen=True)
