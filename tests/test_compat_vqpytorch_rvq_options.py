@@ -77,6 +77,12 @@ def test_freeze_codebook_keeps_every_level_as_in_peer():
     _, ip, _ = p(x, freeze_codebook=True)
     _, ia, _ = a(x, freeze_codebook=True)
     assert torch.equal(ia, ip) and torch.equal(a.codebooks, start) and torch.equal(p.codebooks, start)
+    # The constructor's freeze_codebook has no effect in the peer (forward passes False to every level): nor here.
+    p2, a2 = _pair("ResidualVQ", dim=8, num_quantizers=2, codebook_size=32, freeze_codebook=True)
+    before = a2.codebooks.clone()
+    p2.train()(x), a2.train()(x)
+    torch.testing.assert_close(a2.codebooks, p2.codebooks, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(a2.codebooks, before)
 
 
 @pytest.mark.parametrize("frac", [0.3, pytest.param(1.0, marks=pytest.mark.slow)])

@@ -60,6 +60,9 @@ _RVQ_OWN: dict[str, Option] = {
                                    "peer's residual gradient",
                               lambda v, _: isinstance(v, (int, float)) and 0 <= v <= 1, "must lie in [0, 1]"),
     "return_zeros_for_masked_padding": Option(True, "adapter: padding positions get zeros (True) or the input"),
+    "freeze_codebook": Option(False, "no effect, as in the peer (its forward passes freeze_codebook=False to every "
+                                     "level); forward's `freeze_codebook=True` is `ResidualQuantizer.stepping("
+                                     "CodebookStep(frozen=True))`"),
 }
 _LAYOUT_ONLY = {
     "channel_last": "residual VQ reads (..., dim), or feature maps with accept_image_fmap",
