@@ -96,7 +96,7 @@ def test_grouped_signatures_and_errors(name):
     required = dict(levels=[5, 5]) if name == "GroupedResidualFSQ" else dict(codebook_size=4)
     with pytest.raises(ValueError, match="groups"):
         getattr(compat, name)(dim=6, groups=4, num_quantizers=2, **required)
-    refused = "orthogonal_rotation" if name == "GroupedResidualFSQ" else "quantize_dropout_multiple_of"
+    refused = "quantize_dropout_multiple_of"
     with pytest.raises(compat.UnsupportedKeywordError, match=refused):
         getattr(compat, name)(dim=4, groups=2, num_quantizers=2, **{refused: 2}, **required)
 

@@ -33,6 +33,7 @@ def test_clamped_lfq_passes_check_quantizer():
 
 peer = pytest.importorskip("vector_quantize_pytorch")
 import quantkit.compat.vector_quantize_pytorch as compat  # noqa: E402
+from test_compat_vqpytorch import _assert_same, _pair  # noqa: E402  (the side-by-side helpers)
 
 
 @pytest.mark.parametrize("name, options", [
@@ -73,14 +74,10 @@ def test_lfq_options_match_peer(name, options):
     ("ResidualLFQ", dict(dim=8, codebook_size=2 ** 8, num_quantizers=2)),
 ], ids=["lfq", "lfq_two_codebooks_spherical", "residual"])
 def test_orthogonal_rotation_matches_peer(name, options):
-    torch.manual_seed(0)
-    p = getattr(peer, name)(orthogonal_rotation=True, **options)
-    a = getattr(compat, name)(orthogonal_rotation=True, **options).load_peer_state_dict(p.state_dict())
+    p, a = _pair(name, orthogonal_rotation=True, **options)  # eval, the peer's R copied
     x = torch.randn(2, 128, options["dim"])
-    p.eval(), a.eval()
     out_p, out_a = p(x), a(x)
-    assert torch.equal(out_a[1], out_p[1])
-    torch.testing.assert_close(out_a[0], out_p[0], atol=1e-5, rtol=0)
+    _assert_same(out_p[:2], out_a[:2], atol=1e-5)
     if name == "LFQ":
         torch.testing.assert_close(a.indices_to_codes(out_a[1]), p.indices_to_codes(out_p[1]), atol=1e-5, rtol=0)
         p.train(), a.train()

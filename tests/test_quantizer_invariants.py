@@ -291,6 +291,7 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
     ("residual", dict(commitment_weight=0.5), ()),
     ("fsq", dict(grid="symmetric", bound="clamp"), ()),
     ("fsq", dict(grid="symmetric", levels=(2, 3, 4)), ()),
+    ("fsq", dict(rotation=True, dim=5), ()),
     ("residual", dict(grid="symmetric", bound="clamp", layer_scale=(0.2, 0.25, 1 / 3), input_clamp=(1.25, 4 / 3, 1.5)),
      ()),
 ]

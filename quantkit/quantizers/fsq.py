@@ -70,6 +70,9 @@ class FSQ(Quantizer):
             (Parker et al. 2024, arXiv:2411.19842, sec. 3.2; residual FSQ uses it).
         bound: "tanh" (default) or "clamp": a hard clamp to the interval instead of tanh (for inputs already
             soft-clamped to the right range, as residual FSQ's levels are); gradient 1 inside, 0 outside.
+        rotation: quantize z R for a fixed random orthogonal R (a (d, d) buffer, drawn at construction) and return
+            the code times R^T, a rotated grid (QuIP's incoherence rotation, arXiv:2307.13304; vector-quantize-pytorch's
+            orthogonal_rotation, meant for equal levels on every channel).
 
     No loss (always zero) and no state besides the optional projections.
     """
@@ -78,7 +81,7 @@ class FSQ(Quantizer):
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
                  projection_bias: bool = True, noise_dropout: float = 0.0, grid: str = "paper",
-                 bound: str = "tanh"):
+                 bound: str = "tanh", rotation: bool = False):
         levels = _check_levels(levels)
         if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) \
                 or not 0.0 <= noise_dropout <= 1.0:
@@ -94,6 +97,18 @@ class FSQ(Quantizer):
         self._basis_list = [math.prod(levels[:i]) for i in range(len(levels))]  # mixed-radix place values
         self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
         self._grids: dict[tuple, _Grid] = {}
+        if rotation:
+            self.register_buffer("rotation", torch.nn.init.orthogonal_(torch.empty(len(levels), len(levels))))
+        else:
+            self.rotation = None
+
+    def rotate(self, h: Tensor) -> Tensor:
+        """(..., d) -> h R (h unchanged without rotation)."""
+        return h if self.rotation is None else h @ self.rotation.to(h.dtype)
+
+    def rotate_back(self, codes: Tensor) -> Tensor:
+        """(..., d) -> codes R^T, the inverse of :meth:`rotate`."""
+        return codes if self.rotation is None else codes @ self.rotation.to(codes.dtype).T
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -206,19 +221,20 @@ class FSQ(Quantizer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        codes, digits = self._round(self.project_in(z), noise=self.training)  # (N, d)
-        return self.project_out(codes), self.digits_to_indices(digits), z.new_zeros(())
+        codes, digits = self._round(self.rotate(self.project_in(z)), noise=self.training)  # (N, d)
+        return self.project_out(self.rotate_back(codes)), self.digits_to_indices(digits), z.new_zeros(())
 
     def _encode(self, z: Tensor) -> Tensor:
-        return self.digits_to_indices(self._round(self.project_in(z))[1])
+        return self.digits_to_indices(self._round(self.rotate(self.project_in(z)))[1])
 
     def _decode(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.indices_to_codes(indices))
+        return self.project_out(self.rotate_back(self.indices_to_codes(indices)))
 
     def extra_repr(self) -> str:
         noise = f", noise_dropout={self.noise_dropout}" if self.noise_dropout else ""
-        options = "".join(f", {k}={v!r}" for k, v, d in (("grid", self.grid, "paper"), ("bound", self.bound_kind, "tanh"))
-                          if v != d)
+        choices = (("grid", self.grid, "paper"), ("bound", self.bound_kind, "tanh"),
+                   ("rotation", self.rotation is not None, False))
+        options = "".join(f", {k}={v!r}" for k, v, d in choices if v != d)
         return f"levels={self.levels}{noise}{options}, " + super().extra_repr()
 
 

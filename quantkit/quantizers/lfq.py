@@ -150,11 +150,14 @@ class LFQ(Quantizer):
         then on the sphere (spherical)."""
         if self.input_clamp is not None:
             h = (h / self.input_clamp).tanh() * self.input_clamp
-        if self.rotation is not None:
-            h = h @ self.rotation.to(h.dtype)
-        return self.to_sphere(h)
+        return self.to_sphere(self.rotate(h))
 
-    def _rotate_back(self, codes: Tensor) -> Tensor:
+    def rotate(self, h: Tensor) -> Tensor:
+        """(..., bits) -> h R (h unchanged without rotation)."""
+        return h if self.rotation is None else h @ self.rotation.to(h.dtype)
+
+    def rotate_back(self, codes: Tensor) -> Tensor:
+        """(..., bits) -> codes R^T, the inverse of :meth:`rotate`: from the sign space back to the input's."""
         return codes if self.rotation is None else codes @ self.rotation.to(codes.dtype).T
 
     @property
@@ -162,16 +165,11 @@ class LFQ(Quantizer):
         """|c_i| of every code's every entry: codebook_scale, or codebook_scale / sqrt(bits) when spherical."""
         return self.codebook_scale / self.bits ** 0.5 if self.spherical else self.codebook_scale
 
-    def indices_to_sign_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Indices (...) -> the sign vectors (..., bits) in {-scale, +scale} (on the sphere when spherical): the codes
-        in the space where the signs are taken, before the rotation back."""
+    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Indices (...) -> codes (..., bits) in {-scale, +scale} (on the sphere when spherical), in the space where
+        the signs are taken: :meth:`rotate_back` them, then project out, for the output."""
         bits = (indices.unsqueeze(-1) & self._powers(indices)) != 0
         return self.to_sphere(torch.where(bits, self.codebook_scale, -self.codebook_scale).to(dtype))
-
-    def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Indices (...) -> codes (..., bits) before the output projection: the sign vectors, rotated back when
-        rotation is on."""
-        return self._rotate_back(self.indices_to_sign_codes(indices, dtype))
 
     def bit_logits(self, h: Tensor) -> Tensor:
         """Projected rows (N, bits) (on the sphere when spherical) -> logits of p(bit = 1) under
@@ -193,7 +191,7 @@ class LFQ(Quantizer):
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h = self.prepare(self.project_in(z))  # (N, bits)
         codes, indices = self._hard(h)
-        quantized = self.project_out(self._rotate_back(straight_through(h, codes)))
+        quantized = self.project_out(self.rotate_back(straight_through(h, codes)))
         if mask is not None:  # masked-out rows take no part in the loss
             h, codes = h[mask], codes[mask]
         loss = z.new_zeros(())
@@ -217,7 +215,7 @@ class LFQ(Quantizer):
         return self._hard(h if self.rotation is None else self.prepare(h))[1]  # clamp and sphere keep the signs
 
     def _decode(self, indices: Tensor) -> Tensor:
-        return self.project_out(self.indices_to_codes(indices))
+        return self.project_out(self.rotate_back(self.indices_to_codes(indices)))
 
     def extra_repr(self) -> str:
         spherical = (", spherical=True" if self.spherical else "") + (", rotation=True" if self.rotation is not None

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ...quantizers import FSQ as _FSQ
 from ...quantizers import ResidualQuantizer
 from ...quantizers.projection import ThinLinear
+from .lfq import load_rotation
 from ._common import (REQUIRED, Option, decode_with_sentinel, from_channels_last, load_projections, only_default,
                       parse_options, reject_call, set_signature, to_channels_last)
 
@@ -43,7 +44,8 @@ FSQ_OPTIONS: dict[str, Option] = {
                             "code; quantkit's `FSQ(noise_dropout=p)` is the different, documented method of replacing "
                             "the rounding by one grid step of noise (Balle et al. 2017), so it is not this keyword"),
     "bound_hard_clamp": Option(False, "`FSQ(bound='clamp')`"),
-    "orthogonal_rotation": Option(False, _NS, only_default(False), "no code rotation in quantkit's FSQ"),
+    "orthogonal_rotation": Option(False, "`FSQ(rotation=True)`: a fixed random orthogonal rotation around the "
+                                         "rounding (`load_peer_state_dict` copies the peer's)"),
 }
 
 
@@ -58,7 +60,7 @@ class FSQ(nn.Module):
         o = parse_options("FSQ", FSQ_OPTIONS, kwargs)
         self.levels = list(levels)
         self.core = _FSQ(self.levels, grid="symmetric" if o["preserve_symmetry"] else "paper",
-                         bound="clamp" if o["bound_hard_clamp"] else "tanh")  # (..., len(levels)) rows, no projection
+                         bound="clamp" if o["bound_hard_clamp"] else "tanh", rotation=o["orthogonal_rotation"])  # (..., len(levels)) rows, no projection
         self.codebook_dim, self.num_codebooks = len(self.levels), o["num_codebooks"]
         self.effective_codebook_dim = self.codebook_dim * self.num_codebooks
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
@@ -89,7 +91,7 @@ class FSQ(nn.Module):
         channel_first = indices.dim() >= 3 + int(self.keep_num_codebooks_dim) or self.channel_first
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        codes = self.core.indices_to_codes(indices.long()).flatten(-2)  # (..., c * d)
+        codes = self.core.rotate_back(self.core.indices_to_codes(indices.long())).flatten(-2)  # (..., c * d)
         return from_channels_last(self.project_out(codes), channel_first)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
@@ -107,8 +109,9 @@ class FSQ(nn.Module):
 
     @torch.no_grad()
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "FSQ":
-        """Copies a peer ``FSQ.state_dict()`` (its projections; FSQ has no other state)."""
+        """Copies a peer ``FSQ.state_dict()`` (its projections and orthogonal rotation; FSQ has no other state)."""
         load_projections(self, state)
+        load_rotation(self.core, state, "orthogonal_rot")
         return self
 
 
@@ -168,6 +171,7 @@ class ResidualFSQ(nn.Module):
         self.rq = ResidualQuantizer(self.codebook_dim, "fsq", depth=self.num_quantizers, levels=self.levels,
                                     grid="symmetric", bound="clamp" if o["bound_hard_clamp"] else "tanh",
                                     layer_scale=[1.0 / v for v in self.levels], input_clamp=clamp,
+                                    rotation=o["orthogonal_rotation"],
                                     quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         self.is_channel_first = o["is_channel_first"]
@@ -203,6 +207,8 @@ class ResidualFSQ(nn.Module):
     @torch.no_grad()
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "ResidualFSQ":
         load_projections(self, state)
+        for d, layer in enumerate(self.rq.layers):
+            load_rotation(layer, state, f"layers.{d}.orthogonal_rot")
         return self
 
 

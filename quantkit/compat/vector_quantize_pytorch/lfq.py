@@ -91,13 +91,14 @@ def _positions_mask(mask: Tensor, positions: tuple[int, ...]) -> Tensor:
     return mask.reshape(positions)
 
 
-def _load_rotation(core: _LFQ, state: dict[str, Tensor], key: str) -> None:
-    """The peer's rotation R (its bit order, most significant first) as quantkit's: P R P, P the bit reversal."""
+def load_rotation(core: nn.Module, state: dict[str, Tensor], key: str, reverse: bool = False) -> None:
+    """Copies the peer's ``orthogonal_rot`` R into ``core.rotation`` (quantkit's LFQ / FSQ); ``reverse``: the peer's
+    channels are quantkit's in reverse order (LFQ's bits), so R becomes P R P, P the reversal."""
     if (key in state) != (core.rotation is not None):
         raise ValueError(f"load_peer_state_dict: {key} is {'in' if key in state else 'missing from'} the peer's state "
                          "and orthogonal_rotation is not so here (were both built with the same keywords?)")
     if core.rotation is not None:
-        core.rotation.copy_(state[key].flip(0).flip(1))
+        core.rotation.copy_(state[key].flip(0).flip(1) if reverse else state[key])
 
 
 class LFQ(nn.Module):
@@ -158,7 +159,7 @@ class LFQ(nn.Module):
         rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
         with _temperature([self.core], inv_temperature):
             sample, batch = self.core.entropy_terms(rows)
-        signs = self.core.indices_to_sign_codes(self.core.encode(rows), rows.dtype)
+        signs = self.core.indices_to_codes(self.core.encode(rows), rows.dtype)
         commit = F.mse_loss(self.core.prepare(rows), signs)
         return ret, LossBreakdown(sample, batch, commit)
 
@@ -168,7 +169,7 @@ class LFQ(nn.Module):
         channel_first = self.channel_first if self.channel_first is not None else image
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        codes = self._merge(self.core.indices_to_codes(indices.long()))
+        codes = self._merge(self.core.rotate_back(self.core.indices_to_codes(indices.long())))
         if project_out:
             codes = self.project_out(codes)
         return from_channels_last(codes, channel_first)
@@ -177,7 +178,7 @@ class LFQ(nn.Module):
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "LFQ":
         """Copies a peer ``LFQ.state_dict()`` (its projections and orthogonal rotation; the rest is fixed)."""
         load_projections(self, state)
-        _load_rotation(self.core, state, "orthogonal_rot")
+        load_rotation(self.core, state, "orthogonal_rot", reverse=True)
         return self
 
 
@@ -261,7 +262,7 @@ class ResidualLFQ(nn.Module):
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "ResidualLFQ":
         load_projections(self, state)
         for d, layer in enumerate(self.rq.layers):
-            _load_rotation(layer, state, f"layers.{d}.orthogonal_rot")
+            load_rotation(layer, state, f"layers.{d}.orthogonal_rot", reverse=True)
         return self
 
 
