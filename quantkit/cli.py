@@ -18,7 +18,7 @@ from typing import Iterator
 # command -> (module that implements it, one-line help)
 COMMANDS = {
     "info": ("quantkit.info", "versions, built kernels, which kernel runs on each device, thread count"),
-    "demo": ("quantkit.demo", "the whole pipeline on built-in digits: tokenizers, MaskGIT, VAR, samples, report"),
+    "demo": ("quantkit.demo", "the whole pipeline on built-in digits: tokenizers, MaskGIT, VAR, a KL-VAE and MAR, samples, report"),
     "train-tokenizer": ("quantkit.tokenizers.train", "train a VQVAE / VQGAN / TiTok tokenizer on any quantizer"),
     "eval-tokenizer": ("quantkit.tokenizers.evaluate", "PSNR, SSIM, codebook use, throughput and a reconstruction grid"),
     "train-generator": ("quantkit.generators.train", "train MaskGIT / VAR / RQ-Transformer / PixelCNN on a tokenizer's IDs"),

@@ -1,12 +1,15 @@
 """`quantkit demo` (what `make demo` runs): the whole pipeline on the built-in `digits`, on a CPU, in minutes.
 
 1. trains the judge: a small digit classifier on the real digits train split (its test accuracy is reported);
-2. trains two tokenizers on digits: an 8x8 FSQ grid (for MaskGIT) and a VAR multi-scale residual VQ (1-2-4-8);
-3. tokenizes the dataset once and trains MaskGIT and VAR on the token IDs;
+2. the discrete track: trains two tokenizers on digits, an 8x8 FSQ grid (for MaskGIT) and a VAR multi-scale
+   residual VQ (1-2-4-8), tokenizes the dataset once and trains MaskGIT and VAR on the token IDs;
+3. the continuous track: trains a KL-VAE (8x8x4 latents, no quantizer) and MAR with a flow-matching head on its
+   latents (Li et al. 2024, "Autoregressive Image Generation without Vector Quantization");
 4. samples the test split's labels and scores conditional accuracy, Frechet distance against the real test digits
-   (with tokenizer reconstructions as the floor), images per second and network evaluations per image;
-5. writes ``report.md`` with ``samples.png``, ``losses.png`` and ``codebook_usage.png`` beside it, and prints its
-   path.
+   (with tokenizer reconstructions as the floor), images per second and network evaluations per image, the same
+   way for both tracks;
+5. writes ``report.md`` with ``samples.png`` (discrete and continuous samples, one row each, under real digits),
+   ``losses.png`` and ``codebook_usage.png`` beside it, and prints its path.
 
 Every stage resumes from its run folder, so a second call only evaluates. ``--quick`` shrinks every budget (the
 tests use it); the numbers it produces check the plumbing, not the quality.
@@ -44,13 +47,19 @@ class Budget:
     tokenizer_steps: int
     generator_steps: int
     classifier_epochs: int
+    continuous_tokenizer_steps: int = 300  # the KL-VAE
+    continuous_generator_steps: int = 500  # MAR (a step costs ~2.5 MaskGIT steps: the per-token head)
+    eval_draws: int = 4  # sample sets per generator (and train subsets per floor) that FD and accuracy average
 
 
 #: The full budget fits 15 minutes on a 2-core CPU with room to spare (4 min 41 s with set-up and build on a
-#: 2-core EPYC).
+#: 2-core EPYC for the discrete track).
 #: 1,000 generator steps rather than 500: VAR's conditional accuracy 96.5% instead of 84%, FD / floor 2.3 vs 5.7.
 BUDGETS = {"full": Budget(tokenizer_steps=600, generator_steps=1000, classifier_epochs=10),
-           "quick": Budget(tokenizer_steps=10, generator_steps=10, classifier_epochs=1)}
+           "quick": Budget(tokenizer_steps=10, generator_steps=10, classifier_epochs=1, continuous_tokenizer_steps=10,
+                           continuous_generator_steps=10, eval_draws=1)}
+#: The demo's generators per track (``TOKENIZER_OF`` names the tokenizer recipe of each).
+DISCRETE, CONTINUOUS = ("maskgit", "var"), ("mar_flow",)
 
 
 def log(msg: str) -> None:
@@ -110,8 +119,15 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: P
     return path
 
 
-def run_pipeline(out: Path, budget: Budget, generators=("maskgit", "var"), progress: bool = True) -> Path:
-    """Runs the whole pipeline into ``out``; returns the report's path."""
+def _is_continuous(kind: str) -> bool:
+    from .tokenizers import tokenizer_class
+
+    return tokenizer_class(TOKENIZER_RECIPES[kind]["model"]).continuous
+
+
+def run_pipeline(out: Path, budget: Budget, generators=DISCRETE + CONTINUOUS, progress: bool = True) -> Path:
+    """Runs the whole pipeline into ``out``; returns the report's path. Generators on a continuous tokenizer (the
+    KL-VAE) form the continuous track, with the continuous budget; its wall time is reported on its own."""
     from .evaluation.classifier import ClassifierConfig, load_or_train_classifier
     from .evaluation.generation import evaluate_generator, reference_sets, sample_images
     from .generators.sampling import SamplingConfig
@@ -126,22 +142,33 @@ def run_pipeline(out: Path, budget: Budget, generators=("maskgit", "var"), progr
     log(f"digit classifier: test accuracy {classifier_accuracy:.1%}")
 
     kinds = sorted({TOKENIZER_OF[g] for g in generators})
-    tokenizer_paths = {k: ensure_tokenizer(k, out, budget.tokenizer_steps, progress) for k in kinds}
-    tokenizers = {k: load_tokenizer(p) for k, p in tokenizer_paths.items()}
-    refs = {k: reference_sets(tokenizers[k], classifier) for k in kinds}
+    seconds = {"discrete": 0.0, "continuous": 0.0}  # wall time of each track's own stages
+    tokenizer_paths, tokenizers, refs = {}, {}, {}
+    for k in kinds:
+        t0, track = time.perf_counter(), "continuous" if _is_continuous(k) else "discrete"
+        steps = budget.continuous_tokenizer_steps if track == "continuous" else budget.tokenizer_steps
+        tokenizer_paths[k] = ensure_tokenizer(k, out, steps, progress)
+        tokenizers[k] = load_tokenizer(tokenizer_paths[k])
+        refs[k] = reference_sets(tokenizers[k], classifier, draws=budget.eval_draws)
+        seconds[track] += time.perf_counter() - t0
 
     rows, samples, losses = [], {}, {}
     for name in generators:
         kind = TOKENIZER_OF[name]
-        path = ensure_generator(name, tokenizer_paths[kind], out, budget.generator_steps, progress)
+        t0, track = time.perf_counter(), "continuous" if _is_continuous(kind) else "discrete"
+        steps = budget.continuous_generator_steps if track == "continuous" else budget.generator_steps
+        path = ensure_generator(name, tokenizer_paths[kind], out, steps, progress)
         model, meta = load_generator(path)
         sampling = dict(meta["train_config"]["sampling"])
         steps = sampling.pop("steps", None)
-        report = evaluate_generator(model, tokenizers[kind], classifier, refs[kind], steps, SamplingConfig(**sampling))
+        report = evaluate_generator(model, tokenizers[kind], classifier, refs[kind], steps, SamplingConfig(**sampling),
+                                    draws=budget.eval_draws)
+        report.update(generator=name, track=track, tokenizer=kind, train_steps=meta["step"])
         rows.append(report)
         labels = torch.arange(10).repeat(2)
         samples[name] = sample_images(model, tokenizers[kind], labels, steps, SamplingConfig(**sampling), seed=1)[0]
         losses[name] = [(m["step"], m["loss"]) for m in read_jsonl(path / "metrics.jsonl")]
+        seconds[track] += time.perf_counter() - t0
 
     first = refs[kinds[0]]
     real = torch.cat([first.test_images[first.test_labels == c][:2] for c in range(10)])
@@ -149,29 +176,34 @@ def run_pipeline(out: Path, budget: Budget, generators=("maskgit", "var"), progr
     save_image_grid([real, *samples.values()], out / "samples.png")
     plot_curves(losses, "generator training loss", out / "losses.png")
     usage = {f"tokenizer {k}": [(m["step"], m["usage"]) for m in read_jsonl(p / "metrics.jsonl") if "usage" in m]
-             for k, p in tokenizer_paths.items()}
+             for k, p in tokenizer_paths.items() if not _is_continuous(k)}  # a KL-VAE has no codebook
     plot_curves(usage, "codebook usage (fraction of codes in a batch)", out / "codebook_usage.png")
 
     report_path = out / "report.md"
     report_path.write_text(_report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators,
-                                   time.perf_counter() - started))
+                                   time.perf_counter() - started, seconds))
     (out / "report.json").write_text(json.dumps({"classifier_test_accuracy": classifier_accuracy,
-                                                 "budget": budget.__dict__, "generators": rows}, indent=2))
+                                                 "budget": budget.__dict__, "generators": rows,
+                                                 "track_seconds": seconds}, indent=2))
     return report_path
 
 
-def _report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators, seconds) -> str:
+def _report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators, seconds, track_seconds) -> str:
     lines = ["# quantkit demo report", "",
              f"Built-in `digits` (16x16), CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"budget: tokenizers {budget.tokenizer_steps} steps, generators {budget.generator_steps} steps; "
-             f"wall time {seconds / 60:.1f} min.", "",
+             f"budget: discrete track tokenizers {budget.tokenizer_steps} steps, generators {budget.generator_steps} "
+             f"steps; continuous track KL-VAE {budget.continuous_tokenizer_steps} steps, MAR "
+             f"{budget.continuous_generator_steps} steps; wall time {seconds / 60:.1f} min (discrete track "
+             f"{track_seconds['discrete'] / 60:.1f} min, continuous track {track_seconds['continuous'] / 60:.1f} min, "
+             f"the rest the judge and the pictures).", "",
              f"Judge: a digit classifier trained by quantkit on the digits train split, test accuracy "
              f"{classifier_accuracy:.1%}.", "",
-             "| generator | tokenizer | params | cond. accuracy | Frechet distance (mean ± sd of 4 sample sets) | "
-             "floor (mean of 4 train subsets) | FD / floor | images/s | "
-             "net evals / image |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| track | generator | tokenizer | params | cond. accuracy | Frechet distance (mean ± sd of "
+             f"{budget.eval_draws} sample sets) | floor (mean of {budget.eval_draws} train subsets) | FD / floor | images/s | "
+             "net evals / image |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r, name in zip(rows, generators):
-        lines.append(f"| {name} | {TOKENIZER_OF[name]} | {r['parameters']:,} | {r['conditional_accuracy']:.1%} | "
+        lines.append(f"| {r['track']} | {name} | {TOKENIZER_OF[name]} | {r['parameters']:,} | "
+                     f"{r['conditional_accuracy']:.1%} | "
                      f"{r['frechet_distance']:.3f} ± {r['frechet_distance_std']:.3f} | {r['floor_frechet_distance']:.3f} | "
                      f"{r['fd_over_floor']:.2f} | "
                      f"{r['images_per_second']:.1f} | {r['evaluations_per_image']} |")
@@ -180,7 +212,8 @@ def _report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators
     for k, r in refs.items():
         lines.append(f"| {k} | `{tokenizer_paths[k]}` | {r.floor_fd:.3f} | {r.recon_accuracy:.1%} |")
     lines += ["", "![samples](samples.png)", "",
-              "Rows: real test digits, then " + ", ".join(generators) + "; columns: classes 0-9, twice.", "",
+              "Rows: real test digits, then " + ", ".join(f"{g} ({r['track']})" for g, r in zip(generators, rows)) +
+              "; columns: classes 0-9, twice.", "",
               "![losses](losses.png) ![codebook usage](codebook_usage.png)", ""]
     return "\n".join(lines)
 
@@ -188,8 +221,8 @@ def _report(rows, refs, tokenizer_paths, classifier_accuracy, budget, generators
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder (stages resume from it)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the quality")
-    parser.add_argument("--tokenizer-steps", type=int, help="override the tokenizer training steps")
-    parser.add_argument("--generator-steps", type=int, help="override the generator training steps")
+    parser.add_argument("--tokenizer-steps", type=int, help="override the tokenizer training steps (both tracks)")
+    parser.add_argument("--generator-steps", type=int, help="override the generator training steps (both tracks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -200,6 +233,6 @@ def run(args: argparse.Namespace) -> None:
         if value is not None:
             if value < 1:
                 raise SystemExit(f"quantkit demo: --{name.replace('_', '-')} must be at least 1, got {value}")
-            budget = Budget(**{**budget.__dict__, name: value})
+            budget = Budget(**{**budget.__dict__, name: value, f"continuous_{name}": value})
     report = run_pipeline(Path(args.out), budget, progress=not args.no_progress)
     print(report)
