@@ -43,9 +43,10 @@ from quantkit.generators.train import DIGITS_RECIPES, load_generator
 
 #: Training steps per generator when --steps is not given. MaskGIT learns slowest on digits (FD / floor 2.6 at
 #: 2,500 steps, 2.1 at 5,000, 1.8 at 8,000); VAR with dropout 0.1 keeps improving to 5,000 (1.8).
-#: The continuous ones are sized to a ~25-minute run on a shared 2-core CPU (MAR's step costs ~2.5 DiT steps).
-DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 1000,
-                 "mar_flow": 1000, "dit_meanflow": 2000}
+#: The continuous ones are sized to a ~30-minute run on a 2-core CPU shared with other jobs (a MAR step took ~1.2 s
+#: there, a DiT step ~0.6 s); they are far from converged at these counts.
+DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 400,
+                 "mar_flow": 400, "dit_meanflow": 1000}
 GENERATORS = list(DEFAULT_STEPS)
 #: The issue's goals: (minimum conditional accuracy, maximum FD / floor, minimum images/s over MaskGIT's).
 GOALS = {"mar_ddpm": (0.97, 1.5, None), "mar_flow": (0.97, 1.5, None), "dit_meanflow": (0.90, None, 10.0)}

@@ -10,6 +10,10 @@ The one idea to hold: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) for int
 the time as t / T. Sampling on a subset S of the steps recomputes the betas between consecutive kept steps,
 beta'_i = 1 - abar_{s_i} / abar_{s_(i-1)}, so respacing to all T steps is the original chain.
 
+Few steps with eps-prediction: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the network's noise error by
+1 / sqrt(abar), ~2e4 at the cosine schedule's last step (abar 2.4e-9 at T = 1000); v-prediction reads x0 off as
+sqrt(abar) x_t - sqrt(1 - abar) v and has no such factor, so it is the choice for a short DDIM chain.
+
 Variance: fixed to the posterior variance beta~_t (Ho et al.'s sigma_t^2 = beta~_t), not MAR's learned range.
 Temperature scales every Gaussian draw of the sampler (the starting noise and, for DDPM, each step's noise; MAR
 scales the step noise only).
