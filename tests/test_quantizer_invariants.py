@@ -292,6 +292,7 @@ VARIANTS: list[tuple[str, dict, tuple[str, ...]]] = [
     ("fsq", dict(grid="symmetric", bound="clamp"), ()),
     ("fsq", dict(grid="symmetric", levels=(2, 3, 4)), ()),
     ("fsq", dict(rotation=True, dim=5), ()),
+    ("fsq", dict(grid="symmetric", noise_dropout=0.5, noise_mode="code"), ()),
     ("residual", dict(grid="symmetric", bound="clamp", layer_scale=(0.2, 0.25, 1 / 3), input_clamp=(1.25, 4 / 3, 1.5)),
      ()),
 ]

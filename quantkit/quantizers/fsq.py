@@ -39,6 +39,7 @@ __all__ = ["FSQ"]
 _BOUND_EPS = 1e-3
 _GRIDS = ("paper", "symmetric")
 _BOUNDS = ("tanh", "clamp")
+_NOISE_MODES = ("step", "code")
 
 
 class _Grid(NamedTuple):
@@ -65,6 +66,9 @@ class FSQ(Quantizer):
         channel_first: x is (B, dim, *spatial).
         noise_dropout: probability in [0, 1] that an element's rounding is replaced by uniform noise of one step in
             training (see the module docstring); 0 (default) is the FSQ paper's straight-through rounding.
+        noise_mode: "step" (default, the above) or "code": vector-quantize-pytorch's noise dropout, the rounded code
+            plus U(-1/2, 1/2) in code units (a quarter of the code range), clamped to [-1, 1]; symmetric grid only.
+            Only masked-in vectors draw; the index is the rounded code's either way.
         grid: "paper" (the FSQ paper's grid above) or "symmetric": L values 2k / (L - 1) - 1, k = 0 .. L - 1, from
             digit floor((L - 1)(t + 1) / 2 + 1/2) of t = bound(z) in [-1, 1], symmetric about 0 for every L
             (Parker et al. 2024, arXiv:2411.19842, sec. 3.2; residual FSQ uses it).
@@ -81,7 +85,7 @@ class FSQ(Quantizer):
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, channel_first: bool = False,
                  projection_bias: bool = True, noise_dropout: float = 0.0, grid: str = "paper",
-                 bound: str = "tanh", rotation: bool = False):
+                 bound: str = "tanh", rotation: bool = False, noise_mode: str = "step"):
         levels = _check_levels(levels)
         if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) \
                 or not 0.0 <= noise_dropout <= 1.0:
@@ -90,8 +94,11 @@ class FSQ(Quantizer):
             raise ValueError(f"FSQ: grid must be one of {_GRIDS}, got {grid!r}")
         if bound not in _BOUNDS:
             raise ValueError(f"FSQ: bound must be one of {_BOUNDS}, got {bound!r}")
+        if noise_mode not in _NOISE_MODES or (noise_mode == "code" and grid != "symmetric"):
+            raise ValueError(f"FSQ: noise_mode must be one of {_NOISE_MODES} ('code' with grid='symmetric'), got "
+                             f"{noise_mode!r} with grid={grid!r}")
         super().__init__(len(levels) if dim is None else dim, math.prod(levels), channel_first)
-        self.noise_dropout = float(noise_dropout)
+        self.noise_dropout, self.noise_mode = float(noise_dropout), noise_mode
         self.grid, self.bound_kind = grid, bound
         self.levels_list = levels
         self._basis_list = [math.prod(levels[:i]) for i in range(len(levels))]  # mixed-radix place values
@@ -221,8 +228,24 @@ class FSQ(Quantizer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        codes, digits = self._round(self.rotate(self.project_in(z)), noise=self.training)  # (N, d)
+        step_noise = self.training and self.noise_mode == "step"
+        codes, digits = self._round(self.rotate(self.project_in(z)), noise=step_noise)  # (N, d)
+        if self.training and self.noise_mode == "code" and self.noise_dropout > 0:
+            codes = self._code_noise(codes, mask)
         return self.project_out(self.rotate_back(codes)), self.digits_to_indices(digits), z.new_zeros(())
+
+    def _code_noise(self, codes: Tensor, mask: Tensor | None) -> Tensor:
+        """noise_mode="code": each element of a masked-in row, with probability noise_dropout, gets U(-1/2, 1/2)
+        added, then everything is clamped to [-1, 1] (drawn in the peer's order: the Bernoulli mask, then the noise)."""
+        rows = codes.detach() if mask is None else codes.detach()[mask]  # (m, d)
+        # bernoulli_(p), not full_like(p).bernoulli_(): the latter (the peer's) draws with probability 1/2 whatever p
+        hit = torch.empty_like(rows).bernoulli_(self.noise_dropout).bool()
+        offset = torch.rand_like(rows) - 0.5
+        if mask is not None:
+            where = mask[:, None].expand_as(codes)
+            hit = torch.zeros_like(where).masked_scatter(where, hit)
+            offset = torch.zeros_like(codes).masked_scatter(where, offset)
+        return torch.where(hit, codes + offset, codes).clamp(-1.0, 1.0)
 
     def _encode(self, z: Tensor) -> Tensor:
         return self.digits_to_indices(self._round(self.rotate(self.project_in(z)))[1])
@@ -231,7 +254,7 @@ class FSQ(Quantizer):
         return self.project_out(self.rotate_back(self.indices_to_codes(indices)))
 
     def extra_repr(self) -> str:
-        noise = f", noise_dropout={self.noise_dropout}" if self.noise_dropout else ""
+        noise = f", noise_dropout={self.noise_dropout}, noise_mode={self.noise_mode!r}" if self.noise_dropout else ""
         choices = (("grid", self.grid, "paper"), ("bound", self.bound_kind, "tanh"),
                    ("rotation", self.rotation is not None, False))
         options = "".join(f", {k}={v!r}" for k, v, d in choices if v != d)

@@ -39,10 +39,10 @@ FSQ_OPTIONS: dict[str, Option] = {
     "force_quantization_f32": Option(True, "always: quantkit quantizes in float32", only_default(True),
                                      "quantkit always rounds in float32"),
     "preserve_symmetry": Option(False, "`FSQ(grid='symmetric')` (arXiv:2411.19842 sec. 3.2)"),
-    "noise_dropout": Option(0.0, _NS, only_default(0.0),
-                            "the peer adds U(-1/2, 1/2) in code units (a quarter of the code range) to the rounded "
-                            "code; quantkit's `FSQ(noise_dropout=p)` is the different, documented method of replacing "
-                            "the rounding by one grid step of noise (Balle et al. 2017), so it is not this keyword"),
+    "noise_dropout": Option(0.0, "`FSQ(noise_dropout=p, noise_mode='code')`: U(-1/2, 1/2) added to a share p of the "
+                                 "rounded codes in training (the peer's share is 1/2 whatever p: see the peer bugs)",
+                            lambda v, vals: v == 0 or vals.get("preserve_symmetry", True),
+                            "needs preserve_symmetry=True (the peer asserts so)"),
     "bound_hard_clamp": Option(False, "`FSQ(bound='clamp')`"),
     "orthogonal_rotation": Option(False, "`FSQ(rotation=True)`: a fixed random orthogonal rotation around the "
                                          "rounding (`load_peer_state_dict` copies the peer's)"),
@@ -59,8 +59,10 @@ class FSQ(nn.Module):
         super().__init__()
         o = parse_options("FSQ", FSQ_OPTIONS, kwargs)
         self.levels = list(levels)
+        # (..., len(levels)) rows, no projection
         self.core = _FSQ(self.levels, grid="symmetric" if o["preserve_symmetry"] else "paper",
-                         bound="clamp" if o["bound_hard_clamp"] else "tanh", rotation=o["orthogonal_rotation"])  # (..., len(levels)) rows, no projection
+                         bound="clamp" if o["bound_hard_clamp"] else "tanh", rotation=o["orthogonal_rotation"],
+                         noise_dropout=o["noise_dropout"], noise_mode="code" if o["preserve_symmetry"] else "step")
         self.codebook_dim, self.num_codebooks = len(self.levels), o["num_codebooks"]
         self.effective_codebook_dim = self.codebook_dim * self.num_codebooks
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
@@ -171,8 +173,8 @@ class ResidualFSQ(nn.Module):
         self.rq = ResidualQuantizer(self.codebook_dim, "fsq", depth=self.num_quantizers, levels=self.levels,
                                     grid="symmetric", bound="clamp" if o["bound_hard_clamp"] else "tanh",
                                     layer_scale=[1.0 / v for v in self.levels], input_clamp=clamp,
-                                    rotation=o["orthogonal_rotation"],
-                                    quantize_dropout=1.0 if dropout else 0.0,
+                                    rotation=o["orthogonal_rotation"], noise_dropout=o["noise_dropout"],
+                                    noise_mode="code", quantize_dropout=1.0 if dropout else 0.0,
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         self.is_channel_first = o["is_channel_first"]
         self.codebook_size = math.prod(self.levels)
