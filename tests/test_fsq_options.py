@@ -1,4 +1,4 @@
-"""FSQ(rotation=True) natively (an orthogonal R around the rounding) and as the peer's orthogonal_rotation in the
+"""FSQ's rotation and code-noise options natively, and as the peer's orthogonal_rotation / noise_dropout in the
 compat FSQ / ResidualFSQ, against the peer with its R copied by ``load_peer_state_dict``."""
 import pytest
 import torch
