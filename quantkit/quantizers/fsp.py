@@ -155,11 +155,16 @@ class FSP(Quantizer):
         self.project_in, self.project_out = projections(self.dim, len(levels), projection_bias)
         self.identity_gradient = self.invert_cdf and self.dim == len(levels)
         self._accept_rate: Tensor | None = None
+        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _constants(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(levels (d,) in t's dtype, basis (d,) int64) on t's device."""
-        return (torch.tensor(self.levels, dtype=t.dtype, device=t.device),
-                torch.tensor(self._basis, dtype=torch.int64, device=t.device))
+        """(levels (d,) in t's dtype, basis (d,) int64) on t's device, made once per (device, dtype) rather than kept
+        as buffers (they follow from ``levels``; a state_dict holds only the projections)."""
+        key = (t.device, t.dtype)
+        if key not in self._cache:
+            self._cache[key] = (torch.tensor(self.levels, dtype=t.dtype, device=t.device),
+                                torch.tensor(self._basis, dtype=torch.int64, device=t.device))
+        return self._cache[key]
 
     def _eps(self, t: Tensor) -> float:
         return self.eps if self.eps is not None else torch.finfo(t.dtype).eps
