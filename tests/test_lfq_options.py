@@ -25,6 +25,17 @@ def test_input_clamp_and_softplus_offset_are_the_closed_forms():
         LFQ(codebook_size=64, codebook_scale=2.0, input_clamp=1.0)
 
 
+def test_straight_through_activation_shapes_only_the_gradient():
+    torch.manual_seed(0)
+    q = LFQ(codebook_size=16, straight_through_activation=torch.nn.Tanh()).train()
+    x = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
+    out = q(x)
+    assert torch.equal(out.quantized, q.decode(out.indices).double())
+    (grad,) = torch.autograd.grad(out.quantized.sum(), x)
+    torch.testing.assert_close(grad, 1 - torch.tanh(x.detach()).square())  # d tanh / dx, not 1
+    assert not q.identity_gradient
+
+
 def test_clamped_lfq_passes_check_quantizer():
     make = lambda: LFQ(dim=8, codebook_size=64, input_clamp=1.5, entropy=EntropyLoss(softplus_offset=5.0))  # noqa: E731
     torch.manual_seed(0)
@@ -44,7 +55,8 @@ from test_compat_vqpytorch import _assert_same, _pair  # noqa: E402  (the side-b
                          commitment_loss_weight=0.25, experimental_softplus_entropy_loss=True)),
     ("LFQ", dict(dim=16, codebook_size=2 ** 8, cosine_sim_project_in=True, cosine_sim_project_in_scale=2.0,
                  commitment_loss_weight=0.25)),
-], ids=["lfq_clamp", "lfq_softplus_spherical", "residual_clamp_softplus", "lfq_cosine_projection"])
+    ("LFQ", dict(dim=8, codebook_size=2 ** 8, straight_through_activation=torch.nn.Tanh())),
+], ids=["lfq_clamp", "lfq_softplus_spherical", "residual_clamp_softplus", "lfq_cosine_projection", "lfq_tanh_st"])
 def test_lfq_options_match_peer(name, options):
     torch.manual_seed(0)
     p = getattr(peer, name)(**options)

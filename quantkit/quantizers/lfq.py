@@ -97,6 +97,8 @@ class LFQ(Quantizer):
             (the incoherence rotation of QuIP, arXiv:2307.13304; vector-quantize-pytorch's orthogonal_rotation).
         cosine_projection: when set (a scale s), the input projection is a :class:`CosineLinear` of scale s
             (needs dim != bits).
+        straight_through_activation: a module f (e.g. ``nn.Tanh()``): the gradient passes through f instead of the
+            identity, quantized = code + f(h) - sg(f(h)) (the forward value is the code either way).
     """
 
     may_skip_depths = False
@@ -104,7 +106,8 @@ class LFQ(Quantizer):
     def __init__(self, dim: int | None = None, codebook_size: int = 2 ** 10, commitment_weight: float = 0.25,
                  entropy: EntropyLoss | dict | None = None, codebook_scale: float = 1.0,
                  channel_first: bool = False, projection_bias: bool = True, spherical: bool = False,
-                 input_clamp: float | None = None, rotation: bool = False, cosine_projection: float | None = None):
+                 input_clamp: float | None = None, rotation: bool = False, cosine_projection: float | None = None,
+                 straight_through_activation: nn.Module | None = None):
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
             raise ValueError(f"LFQ: codebook_size must be a power of two >= 2, got {codebook_size!r}")
         try:
@@ -133,7 +136,9 @@ class LFQ(Quantizer):
                 raise ValueError(f"LFQ: cosine_projection needs an input projection, i.e. dim != bits = {bits}")
             self.project_in = CosineLinear(self.dim, bits, cosine_projection)
         # plain straight-through unless projections or the spherical normalization surround it
-        self.identity_gradient = self.dim == bits and not self.spherical and self.input_clamp is None
+        self.activation = straight_through_activation
+        self.identity_gradient = (self.dim == bits and not self.spherical and self.input_clamp is None
+                                  and (self.activation is None or isinstance(self.activation, nn.Identity)))
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -191,7 +196,8 @@ class LFQ(Quantizer):
     def _quantize(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         h = self.prepare(self.project_in(z))  # (N, bits)
         codes, indices = self._hard(h)
-        quantized = self.project_out(self.rotate_back(straight_through(h, codes)))
+        through = h if self.activation is None else self.activation(h)
+        quantized = self.project_out(self.rotate_back(straight_through(through, codes)))
         if mask is not None:  # masked-out rows take no part in the loss
             h, codes = h[mask], codes[mask]
         loss = z.new_zeros(())

@@ -34,9 +34,8 @@ LFQ_OPTIONS: dict[str, Option] = {
     "entropy_loss_weight": Option(0.1, "`EntropyLoss(weight=...)`"),
     "commitment_loss_weight": Option(0.0, "`LFQ(commitment_weight=...)`"),
     "diversity_gamma": Option(1.0, "`EntropyLoss(codebook_weight=...)`"),
-    "straight_through_activation": Option(None, "identity only (quantkit's straight-through)",
-                                          lambda v, _: v is None or isinstance(v, nn.Identity),
-                                          "quantkit's LFQ passes gradients straight through"),
+    "straight_through_activation": Option(None, "`LFQ(straight_through_activation=...)`: the gradient passes "
+                                                "through this module (None: the identity)"),
     "num_codebooks": Option(1, "adapter: the projected vector is split into groups of log2(codebook_size) bits; "
                                "indices (..., num_codebooks); the codebook entropy is over all groups together"),
     "keep_num_codebooks_dim": Option(None, "adapter: keep the codebook axis of indices (default: num_codebooks > 1)",
@@ -130,7 +129,8 @@ class LFQ(nn.Module):
         self.channel_first = o["channel_first"]
         self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
                          entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"],
-                         input_clamp=o["soft_clamp_input_value"], rotation=o["orthogonal_rotation"])
+                         input_clamp=o["soft_clamp_input_value"], rotation=o["orthogonal_rotation"],
+                         straight_through_activation=o["straight_through_activation"])
 
     def _split(self, h: Tensor) -> Tensor:
         """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
@@ -226,6 +226,7 @@ class ResidualLFQ(nn.Module):
         self.rq = ResidualQuantizer(self.codebook_dim, "lfq", depth=self.num_quantizers, codebook_size=codebook_size,
                                     entropy=_entropy(o), layer_scale=0.5, quantize_dropout=1.0 if dropout else 0.0,
                                     spherical=o["spherical"], rotation=o["orthogonal_rotation"],
+                                    straight_through_activation=o["straight_through_activation"],
                                     min_depth=min(o["quantize_dropout_cutoff_index"] + 1, self.num_quantizers))
         for d, layer in enumerate(self.rq.layers):
             # Level d sees the residual scaled by 2^d against codes +-1, the peer's sees it unscaled against codes
