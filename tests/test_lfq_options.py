@@ -107,3 +107,29 @@ def test_orthogonal_rotation_matches_peer(name, options):
 def test_cosine_projection_needs_a_projection_to_replace():
     with pytest.raises(ValueError, match="cosine_projection"):
         LFQ(codebook_size=16, cosine_projection=1.0)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("name, options", [
+    # each of the peer's terms is a mean over the codebooks (its codebook entropy too): GroupedQuantizer(mean)
+    ("LFQ", dict(dim=12, codebook_size=2 ** 6, num_codebooks=3)),
+    # level d's commitment and entropy temperature are rescaled by 4^-d / 4^d: quantkit's level sees the residual
+    # times 2^d against codes +-1, the peer's the residual against codes +-2^-d
+    ("ResidualLFQ", dict(dim=8, codebook_size=2 ** 8, num_quantizers=4)),
+], ids=["three_codebooks", "residual"])
+def test_training_losses_are_the_peers(name, options, spherical):
+    p, a = _pair(name, commitment_loss_weight=0.25, spherical=spherical, **options)
+    p.train(), a.train()
+    x = torch.randn(2, 100, options["dim"])
+    if name == "ResidualLFQ":
+        (_, i_p, l_p), (_, i_a, l_a) = p(x), a(x)
+        assert torch.equal(i_a, i_p)
+        torch.testing.assert_close(l_a.sum(), l_p.sum(), atol=1e-5, rtol=1e-4)
+        return
+    (ret_p, br_p), (ret_a, br_a) = p(x, return_loss_breakdown=True), a(x, return_loss_breakdown=True)
+    assert torch.equal(ret_a.indices, ret_p.indices)
+    for u, v in zip((ret_p.entropy_aux_loss, *br_p), (ret_a.entropy_aux_loss, *br_a)):
+        torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-4)
+    # with a mask: the loss of the kept vectors (the peer's masked entropy is degenerate: docs, peer bugs)
+    mask = torch.rand(2, 100) > 0.2
+    torch.testing.assert_close(a(x, mask=mask).entropy_aux_loss, a(x[mask][None]).entropy_aux_loss)

@@ -34,16 +34,21 @@ class GroupedQuantizer(Quantizer):
         quantizer: registered name of each group's quantizer ("residual", "fsq", "lfq", "vq", ...).
         quantizer_kwargs: its keywords (``dim`` is dim / groups and is set here).
         channel_first: x is (B, dim, *spatial).
+        loss_reduction: "sum" (default) or "mean" of the groups' losses ("mean" is LFQ with several codebooks in
+            vector-quantize-pytorch: each term there is a mean over the codebooks).
 
-    The loss is the sum of the groups' losses; ``indices`` are (..., groups * M), see the module docstring.
+    ``indices`` are (..., groups * M), see the module docstring.
     """
 
     def __init__(self, dim: int, groups: int = 2, quantizer: str = "residual",
-                 quantizer_kwargs: dict[str, Any] | None = None, channel_first: bool = False):
+                 quantizer_kwargs: dict[str, Any] | None = None, channel_first: bool = False,
+                 loss_reduction: str = "sum"):
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"GroupedQuantizer: groups must be an int >= 1, got {groups!r}")
         if not isinstance(dim, int) or dim < 1 or dim % groups:
             raise ValueError(f"GroupedQuantizer: dim must be a positive multiple of groups={groups}, got {dim!r}")
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"GroupedQuantizer: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         kwargs = dict(quantizer_kwargs or {})
         for name in ("dim", "channel_first"):
             if name in kwargs:
@@ -53,7 +58,7 @@ class GroupedQuantizer(Quantizer):
             raise ValueError(f"GroupedQuantizer: the group quantizer has dim {quantizers[0].dim}, expected "
                              f"dim / groups = {dim // groups}")
         super().__init__(dim, quantizers[0].codebook_size, channel_first)
-        self.groups = groups
+        self.groups, self.loss_reduction = groups, loss_reduction
         self.quantizers = nn.ModuleList(quantizers)
         inner = quantizers[0]
         self.soft, self.may_skip_depths = inner.soft, inner.may_skip_depths
@@ -85,14 +90,15 @@ class GroupedQuantizer(Quantizer):
             quantized.append(qg)
             indices.append(self._as_columns(ig))
             loss = loss + lg
-        return torch.cat(quantized, -1), torch.cat(indices, -1), loss  # (N, dim), (N, G * M), ()
+        if self.loss_reduction == "mean":
+            loss = loss / self.groups
+        return _cat(quantized), _cat(indices), loss  # (N, dim), (N, G * M), ()
 
     def _encode(self, z: Tensor) -> Tensor:
-        return torch.cat([self._as_columns(q._encode(chunk))
-                          for q, chunk in zip(self.quantizers, z.chunk(self.groups, dim=-1))], -1)
+        return _cat([self._as_columns(q._encode(chunk)) for q, chunk in zip(self.quantizers, z.chunk(self.groups, -1))])
 
     def _decode(self, indices: Tensor) -> Tensor:
-        return torch.cat([q._decode(idx) for q, idx in zip(self.quantizers, self._columns(indices))], -1)
+        return _cat([q._decode(idx) for q, idx in zip(self.quantizers, self._columns(indices))])
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (..., groups * M) -> vectors in x's layout (float32)."""
@@ -110,4 +116,9 @@ class GroupedQuantizer(Quantizer):
             q._check_indices(idx)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, " + super().extra_repr()
+        return f"groups={self.groups}, loss_reduction={self.loss_reduction!r}, " + super().extra_repr()
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    """Concatenation along the last axis (no copy for one group)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

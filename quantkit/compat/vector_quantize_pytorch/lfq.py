@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...quantizers import LFQ as _LFQ
-from ...quantizers import EntropyLoss, ResidualQuantizer
+from ...quantizers import EntropyLoss, GroupedQuantizer, ResidualQuantizer
 from ...quantizers.lfq import CosineLinear
 from ...quantizers.base import bits_for
 from ...quantizers.projection import ThinLinear
@@ -36,8 +35,9 @@ LFQ_OPTIONS: dict[str, Option] = {
     "diversity_gamma": Option(1.0, "`EntropyLoss(codebook_weight=...)`"),
     "straight_through_activation": Option(None, "`LFQ(straight_through_activation=...)`: the gradient passes "
                                                 "through this module (None: the identity)"),
-    "num_codebooks": Option(1, "adapter: the projected vector is split into groups of log2(codebook_size) bits; "
-                               "indices (..., num_codebooks); the codebook entropy is over all groups together"),
+    "num_codebooks": Option(1, "`GroupedQuantizer(groups=num_codebooks, quantizer='lfq', loss_reduction='mean')`: "
+                               "one LFQ per group of log2(codebook_size) bits, every loss term a mean over the groups "
+                               "as in the peer; indices (..., num_codebooks)"),
     "keep_num_codebooks_dim": Option(None, "adapter: keep the codebook axis of indices (default: num_codebooks > 1)",
                                      lambda v, vals: v is None or v or vals["num_codebooks"] == 1,
                                      "num_codebooks > 1 needs the codebook axis (as in the peer)"),
@@ -127,28 +127,30 @@ class LFQ(nn.Module):
         self.keep_num_codebooks_dim = o["keep_num_codebooks_dim"] if o["keep_num_codebooks_dim"] is not None \
             else self.num_codebooks > 1
         self.channel_first = o["channel_first"]
-        self.core = _LFQ(codebook_size=self.codebook_size, commitment_weight=o["commitment_loss_weight"],
-                         entropy=_entropy(o), codebook_scale=o["codebook_scale"], spherical=o["spherical"],
-                         input_clamp=o["soft_clamp_input_value"], rotation=o["orthogonal_rotation"],
-                         straight_through_activation=o["straight_through_activation"])
+        # one LFQ per codebook, losses averaged over the codebooks (each of the peer's terms is such a mean)
+        self.core = GroupedQuantizer(codebook_dims, groups=self.num_codebooks, quantizer="lfq", loss_reduction="mean",
+                                     quantizer_kwargs=dict(
+                                         codebook_size=self.codebook_size,
+                                         commitment_weight=o["commitment_loss_weight"],
+                                         entropy=_entropy(o), codebook_scale=o["codebook_scale"],
+                                         spherical=o["spherical"], input_clamp=o["soft_clamp_input_value"],
+                                         rotation=o["orthogonal_rotation"],
+                                         straight_through_activation=o["straight_through_activation"]))
 
-    def _split(self, h: Tensor) -> Tensor:
-        """(..., c * bits) in the peer's bit order -> (..., c, bits) in quantkit's."""
-        return h.unflatten(-1, (self.num_codebooks, self.codebook_dim)).flip(-1)
-
-    def _merge(self, codes: Tensor) -> Tensor:
-        return codes.flip(-1).flatten(-2)
+    def _flip(self, h: Tensor) -> Tensor:
+        """(..., c * bits): each codebook's bits reversed, the peer's order <-> quantkit's (an involution)."""
+        return h.unflatten(-1, (self.num_codebooks, self.codebook_dim)).flip(-1).flatten(-2)
 
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
                 mask: Tensor | None = None):
         channel_first = self.channel_first if self.channel_first is not None else x.dim() >= 4
         z = to_channels_last(x, channel_first)  # (..., dim)
-        h = self._split(self.project_in(z))  # (..., c, bits)
+        h = self._flip(self.project_in(z))  # (..., c * bits)
         if mask is not None:  # the peer's (B, N) mask over packed positions, or one flag per sample (B,)
-            mask = _positions_mask(mask, z.shape[:-1])[..., None].expand(h.shape[:-1])
-        with _temperature([self.core], inv_temperature):
+            mask = _positions_mask(mask, z.shape[:-1])
+        with _temperature(self.core.quantizers, inv_temperature):
             res = self.core(h, mask=mask)
-        out = from_channels_last(self.project_out(self._merge(res.quantized)), channel_first)
+        out = from_channels_last(self.project_out(self._flip(res.quantized)), channel_first)
         indices = res.indices if self.keep_num_codebooks_dim else res.indices.squeeze(-1)
         zero = torch.zeros((), device=x.device)
         ret = Return(out, indices, res.loss if self.training else zero)
@@ -156,12 +158,13 @@ class LFQ(nn.Module):
             return ret
         if not self.training:
             return ret, LossBreakdown(zero, zero, zero)
-        rows = (h if mask is None else h[mask]).reshape(-1, self.codebook_dim)
-        with _temperature([self.core], inv_temperature):
-            sample, batch = self.core.entropy_terms(rows)
-        signs = self.core.indices_to_codes(self.core.encode(rows), rows.dtype)
-        commit = F.mse_loss(self.core.prepare(rows), signs)
-        return ret, LossBreakdown(sample, batch, commit)
+        rows = (h if mask is None else h[mask]).reshape(-1, self.num_codebooks, self.codebook_dim)
+        terms = []
+        with _temperature(self.core.quantizers, inv_temperature):
+            for g, lfq in enumerate(self.core.quantizers):  # each term a mean over the codebooks, as the peer's
+                signs = lfq.indices_to_codes(lfq.encode(rows[:, g]), rows.dtype)
+                terms.append((*lfq.entropy_terms(rows[:, g]), F.mse_loss(lfq.prepare(rows[:, g]), signs)))
+        return ret, LossBreakdown(*(torch.stack(t).mean() for t in zip(*terms)))
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> the output forward gave for them (channel-first for image / video indices)."""
@@ -169,7 +172,7 @@ class LFQ(nn.Module):
         channel_first = self.channel_first if self.channel_first is not None else image
         if not self.keep_num_codebooks_dim:
             indices = indices.unsqueeze(-1)
-        codes = self._merge(self.core.rotate_back(self.core.indices_to_codes(indices.long())))
+        codes = self._flip(self.core.decode(indices.long()))
         if project_out:
             codes = self.project_out(codes)
         return from_channels_last(codes, channel_first)
@@ -178,7 +181,8 @@ class LFQ(nn.Module):
     def load_peer_state_dict(self, state: dict[str, Tensor]) -> "LFQ":
         """Copies a peer ``LFQ.state_dict()`` (its projections and orthogonal rotation; the rest is fixed)."""
         load_projections(self, state)
-        load_rotation(self.core, state, "orthogonal_rot", reverse=True)
+        for lfq in self.core.quantizers:  # the peer's one rotation serves every codebook
+            load_rotation(lfq, state, "orthogonal_rot", reverse=True)
         return self
 
 
