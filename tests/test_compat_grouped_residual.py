@@ -99,4 +99,3 @@ def test_grouped_signatures_and_errors(name):
     refused = "quantize_dropout_multiple_of"
     with pytest.raises(compat.UnsupportedKeywordError, match=refused):
         getattr(compat, name)(dim=4, groups=2, num_quantizers=2, **{refused: 2}, **required)
-
