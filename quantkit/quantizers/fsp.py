@@ -32,7 +32,7 @@ from .fsq import _check_levels
 from .gradients import straight_through
 from .projection import projections
 
-__all__ = ["FSP", "MomentLoss", "moment_statistics", "CDFS"]
+__all__ = ["FSP", "MomentLoss", "moment_statistics", "CDFS", "MOMENT_PRESETS"]
 
 _SQRT2 = math.sqrt(2.0)
 #: Standard deviation of U(0, 1), 1 / sqrt(12): the linear read-out divides by it, so the codes have unit variance.
@@ -82,9 +82,9 @@ class MomentLoss:
 
     @classmethod
     def preset(cls, name: str) -> "MomentLoss":
-        if name not in _PRESETS:
-            raise ValueError(f"MomentLoss: preset must be one of {sorted(_PRESETS)}, got {name!r}")
-        return cls(**_PRESETS[name])
+        if name not in MOMENT_PRESETS:
+            raise ValueError(f"MomentLoss: preset must be one of {sorted(MOMENT_PRESETS)}, got {name!r}")
+        return cls(**MOMENT_PRESETS[name])
 
     @property
     def enabled(self) -> bool:
@@ -102,7 +102,8 @@ class MomentLoss:
 
 
 _NO_HIGHER = dict(skewness_weight=0.0, kurtosis_weight=0.0)
-_PRESETS: dict[str, dict[str, float]] = {
+#: The peer's VectorNorm presets, as MomentLoss fields.
+MOMENT_PRESETS: dict[str, dict[str, float]] = {
     "none": dict(mean_weight=0.0, variance_weight=0.0, **_NO_HIGHER),
     "var": dict(**_NO_HIGHER),
     "kurt": dict(),

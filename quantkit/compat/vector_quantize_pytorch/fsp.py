@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...quantizers import FSP as _FSP
-from ...quantizers.fsp import _PRESETS, CDFS, moment_statistics
+from ...quantizers.fsp import CDFS, MOMENT_PRESETS, moment_statistics
 from ._common import REQUIRED, Option, from_channels_last, load_projections, parse_options, set_signature, swapped
 from ._common import to_channels_last
 
@@ -24,8 +24,8 @@ FSP_OPTIONS: dict[str, Option] = {
                        lambda v, _: v in CDFS, f"one of {sorted(CDFS)}"),
     "quantize_rate": Option(0.0, "`FSP(quantize_rate=...)`", lambda v, _: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
     "need_inv_act": Option(False, "`FSP(invert_cdf=...)`"),
-    "vector_norm": Option("var_tanh", "`FSP(moments=MomentLoss.preset(...))`", lambda v, _: v in _PRESETS,
-                          f"one of {sorted(_PRESETS)}"),
+    "vector_norm": Option("var_tanh", "`FSP(moments=MomentLoss.preset(...))`",
+                          lambda v, _: v in MOMENT_PRESETS, f"one of {sorted(MOMENT_PRESETS)}"),
 }
 
 
