@@ -24,6 +24,8 @@ def test_each_group_equals_its_own_quantizer_on_its_channels():
         loss = loss + ref.loss
     q.train()
     torch.testing.assert_close(q(x).loss, loss)  # the groups' losses add up
+    q.loss_reduction = "mean"
+    torch.testing.assert_close(q(x).loss, loss / 3)
     assert torch.equal(q.decode(out.indices), out.quantized)
 
 
@@ -46,6 +48,8 @@ def test_bad_arguments_raise_naming_them():
         GroupedQuantizer(7, groups=2, quantizer="fsq", quantizer_kwargs=dict(levels=(5, 4, 3)))
     with pytest.raises(ValueError, match="dim"):
         GroupedQuantizer(6, groups=2, quantizer="fsq", quantizer_kwargs=dict(levels=(5, 4, 3), dim=3))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GroupedQuantizer(6, groups=2, quantizer="fsq", quantizer_kwargs=dict(levels=(5, 4, 3)), loss_reduction="max")
     q = create_quantizer("grouped", dim=6, groups=2, quantizer="fsq", quantizer_kwargs=dict(levels=(5, 4, 3)))
     with pytest.raises(ValueError, match="indices"):
         q.decode(torch.zeros(4, 3, dtype=torch.int64))
