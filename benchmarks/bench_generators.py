@@ -43,10 +43,11 @@ from quantkit.generators.train import DIGITS_RECIPES, load_generator
 
 #: Training steps per generator when --steps is not given. MaskGIT learns slowest on digits (FD / floor 2.6 at
 #: 2,500 steps, 2.1 at 5,000, 1.8 at 8,000); VAR with dropout 0.1 keeps improving to 5,000 (1.8).
-#: The continuous ones are sized to a ~30-minute run on a 2-core CPU shared with other jobs (a MAR step took ~1.2 s
-#: there, a DiT step ~0.6 s); they are far from converged at these counts.
-DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 400,
-                 "mar_flow": 400, "dit_meanflow": 1000}
+#: The continuous ones are sized to a ~25-minute run on a 2-core CPU shared with other jobs (a MAR step took
+#: ~0.6 s there, a DiT step ~0.17 s); they are far from converged at these counts. MeanFlow needs the most: 21%
+#: accuracy at 1,000 steps, 96% (guidance 1) at 2,000 in a trial run.
+DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 500,
+                 "mar_flow": 500, "dit_meanflow": 2500}
 GENERATORS = list(DEFAULT_STEPS)
 #: The issue's goals: (minimum conditional accuracy, maximum FD / floor, minimum images/s over MaskGIT's).
 GOALS = {"mar_ddpm": (0.97, 1.5, None), "mar_flow": (0.97, 1.5, None), "dit_meanflow": (0.90, None, 10.0)}
@@ -217,9 +218,10 @@ def main() -> None:
     result["summary"] = summary_rows(result)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "results.md")
-    write_pictures(samples, losses, refs, out, suffix="_continuous" if args.merge and all(
-        n in GOALS for n in args.only) else "")
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'samples.png'}, {out / 'losses.png'}")
+    suffix = "_continuous" if args.merge and all(n in GOALS for n in args.only) else ""
+    write_pictures(samples, losses, refs, out, suffix)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / f'samples{suffix}.png'}, "
+        f"{out / f'losses{suffix}.png'}")
 
 
 def _trained_steps(run: Path) -> int:
