@@ -185,7 +185,7 @@ def _continuous_cfg(tok, out, generator="mar", **kw):
     return GeneratorTrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("generator", ["mar", "dit"])
+@pytest.mark.parametrize("generator", ["mar", pytest.param("dit", marks=pytest.mark.slow)])  # dit: JVP, 20 s
 def test_resumed_continuous_run_repeats_the_losses_and_weights_of_an_uninterrupted_one(tiny_klvae, tmp_path,
                                                                                       generator):
     from quantkit.generators.train import load_generator, train_generator
