@@ -43,11 +43,12 @@ from quantkit.generators.train import DIGITS_RECIPES, load_generator
 
 #: Training steps per generator when --steps is not given. MaskGIT learns slowest on digits (FD / floor 2.6 at
 #: 2,500 steps, 2.1 at 5,000, 1.8 at 8,000); VAR with dropout 0.1 keeps improving to 5,000 (1.8).
-#: The continuous ones are sized to a ~25-minute run on a 2-core CPU shared with other jobs (a MAR step took
-#: ~0.6 s there, a DiT step ~0.17 s); they are far from converged at these counts. MeanFlow needs the most: 21%
-#: accuracy at 1,000 steps, 96% (guidance 1) at 2,000 in a trial run.
-DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 500,
-                 "mar_flow": 500, "dit_meanflow": 2500}
+#: The continuous ones are sized to a ~25-minute run on a 2-core CPU that other jobs share (a MAR step took 0.14 s
+#: on a quiet CPU, 0.6 s on a busy one); they are far from converged at these counts (MAR: 92% accuracy, FD 10-13x
+#: the floor at 500 steps, 99% and 4.6-4.7x at 1,500; MeanFlow: 21% accuracy at 1,000 steps, 98% with guidance at
+#: 2,500 without guidance in its target).
+DEFAULT_STEPS = {"maskgit": 8000, "var": 5000, "rq_transformer": 2500, "pixelcnn": 2500, "mar_ddpm": 1500,
+                 "mar_flow": 1500, "dit_meanflow": 3500}
 GENERATORS = list(DEFAULT_STEPS)
 #: The issue's goals: (minimum conditional accuracy, maximum FD / floor, minimum images/s over MaskGIT's).
 GOALS = {"mar_ddpm": (0.97, 1.5, None), "mar_flow": (0.97, 1.5, None), "dit_meanflow": (0.90, None, 10.0)}
