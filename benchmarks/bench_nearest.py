@@ -14,6 +14,7 @@ fraction of rows whose index equals a float64 argmin. Writes results/nearest_cpu
     python benchmarks/bench_nearest.py            # the six cases of issue 2 (about 15 minutes on 2 cores)
     python benchmarks/bench_nearest.py --quick    # small cases, about a minute
     python benchmarks/bench_nearest.py --cases 16384,8,16384 65536,8,65536
+    python benchmarks/bench_nearest.py --sweep    # every D x K x N of a generated grid, per ISA (_nearest_sweep.py)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _nearest_sweep  # noqa: E402
 
 CASES = [(16384, 8, 16384), (16384, 32, 16384), (16384, 256, 16384), (65536, 8, 65536), (16384, 8, 100000),
          (4096, 768, 100000)]
@@ -249,9 +251,24 @@ def main(argv=None) -> None:
     parser.add_argument("--cap-gib", type=float, default=12.0, help="address-space cap per method (GiB)")
     parser.add_argument("--stem", default=None, help="output name under benchmarks/results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    sweep = parser.add_argument_group("sweep (quantkit vs faiss over a generated grid, per ISA; see _nearest_sweep.py)")
+    sweep.add_argument("--sweep", action="store_true", help="run the grid sweep instead of the case list")
+    sweep.add_argument("--isas", nargs="+", choices=["avx512", "avx2"], help="default: every ISA this CPU has")
+    sweep.add_argument("--max-gflop", type=float, default=40.0, help="skip points with 2NKD above this")
+    sweep.add_argument("--max-codebook-gib", type=float, default=1.0, help="skip codebooks larger than this")
+    sweep.add_argument("--budget-s", type=float, default=0.3, help="timing budget per point and method")
+    sweep.add_argument("--no-extras", action="store_true", help="only the k = 1 l2 grid")
+    sweep.add_argument("--timeout-s", type=float, default=3600)
+    sweep.add_argument("--sweep-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         C.emit(worker(json.loads(args.worker)))
+        return
+    if args.sweep_worker:
+        C.emit(_nearest_sweep.worker(json.loads(args.sweep_worker)))
+        return
+    if args.sweep:
+        _nearest_sweep.main(args)
         return
 
     import torch

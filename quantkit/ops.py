@@ -47,7 +47,7 @@ def _torch_minor() -> tuple[int, int]:
 _KERNEL_ERRORS_RAISE = _torch_minor() >= (2, 13)
 
 _lib = torch.library.Library("quantkit", "DEF")
-_lib.define("nearest_codeword(Tensor z, Tensor codebook, int metric, int k, Tensor? centre=None) -> "
+_lib.define("nearest_codeword(Tensor z, Tensor codebook, int metric, int k, bool centred=False) -> "
             "(Tensor indices, Tensor distances)")
 _lib.define("soft_assign(Tensor z, Tensor codebook, Tensor temperature, int metric) -> (Tensor out, Tensor lse)")
 _lib.define("cpu_isa() -> int")  # the CPU kernels' instruction set: 2 AVX-512, 1 AVX2 + FMA, 0 portable
@@ -137,8 +137,7 @@ def _codebook_centre(codebook: Tensor, op: str = "nearest_codeword", unit: bool 
     ``unit`` the mean of those codewords scaled to unit norm (the centre of the cosine frame)."""
     num = codebook.shape[0]
     take = min(num, _CENTRE_SAMPLES)
-    picks = torch.arange(take, device=codebook.device) * num // take
-    rows = codebook.detach()[picks].double()
+    rows = codebook.detach()[::max(1, num // take)][:take].double()  # a strided view: no indexing kernel per call
     centre = (_unit_rows(rows) if unit else rows).mean(0)
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(centre).all()):
         raise ValueError(f"{op}: codebook contains NaN or inf; quantkit rejects non-finite inputs")
@@ -155,8 +154,10 @@ def _ranking_frame(z: Tensor, codebook: Tensor, metric: int, centre: Tensor | No
     """(z', c', bias, scale): the score (z'.c') * scale + bias ranks like -distance (larger is nearer).
 
     Without a centre (or for dot) z' and c' are the inputs; l2 moves both by -m; cosine scales both to unit norm and
-    then moves them by -m: with u = z/|z|, v = c/|c|, u.v = (u - m).(v - m) + m.(v - m) + (a per-row constant), so
-    the per-code term m.(v - m) is the bias. Each moved value is computed in float64 and rounded once to ``acc``.
+    then moves them by -m: with u = z/|z|, v = c/|c|, u.v = u'.c' + m.v + (a per-row constant) and
+    m.v = (|v|^2 - |c'|^2) / 2 + const, so the bias is -|c'|^2 / 2 + (|v|^2 - 1) / 2: terms of the order of the
+    spread squared, whose rounding stays inside the tolerance. Each moved value is computed in float64 and rounded
+    once to ``acc``.
     (The CPU kernel applies the same frame while it packs its tiles, without these copies.)
     """
     if centre is None or metric == _DOT:
@@ -170,8 +171,11 @@ def _ranking_frame(z: Tensor, codebook: Tensor, metric: int, centre: Tensor | No
     if metric == _L2:
         zf, cf = (z.double() - m).to(acc), (codebook.double() - m).to(acc)
         return zf, cf, (-0.5 * cf.double().square().sum(-1)).to(acc), None
-    zf, cf = (_unit_rows(z) - m).to(acc), (_unit_rows(codebook) - m).to(acc)
-    return zf, cf, (cf.double() @ m).to(acc), None
+    v = _unit_rows(codebook)
+    zf, cf = (_unit_rows(z) - m).to(acc), (v - m).to(acc)
+    # m.v = (|v|^2 - |c'|^2) / 2 + const: small terms only (m.c' rounded to float would exceed the tolerance)
+    bias = -0.5 * cf.double().square().sum(-1) + 0.5 * (v.square().sum(-1) - 1.0)
+    return zf, cf, bias.to(acc), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,16 +194,18 @@ def _codeword_distance(z: Tensor, codes: Tensor, metric: int) -> Tensor:
 
 
 def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int,
-                               centre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                               centred: bool = False) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch reference of ``quantkit::nearest_codeword``: (indices (N, k) int64, distances (N, k)).
 
-    Ranks by the expanded form in the frame ``centre`` defines (see :func:`_ranking_frame`) one row chunk at a time
+    Ranks by the expanded form (in the codebook-centred frame when ``centred``, see :func:`_ranking_frame`) one row
+    chunk at a time
     (ties: lowest index, via a stable sort), then measures the chosen codewords directly from z and the codebook,
     (in float64) so the distances do not depend on the frame and l2 distances are never negative.
     """
     _check_finite("nearest_codeword", "z", z)
     _check_finite("nearest_codeword", "codebook", codebook)
     acc = _compute_dtype(z.dtype)
+    centre = _codebook_centre(codebook, unit=metric == _COSINE) if centred and metric != _DOT else None
     zr, cr, bias, scale = _ranking_frame(z.detach(), codebook.detach(), metric, centre, acc)
     zf, cf = z.to(acc), codebook.to(acc)
     n = zf.shape[0]
@@ -224,12 +230,12 @@ def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int,
 
 
 @torch.library.impl(_lib, "nearest_codeword", "CompositeExplicitAutograd")
-def _nearest_codeword_composite(z, codebook, metric, k, centre=None):
-    return nearest_codeword_reference(z, codebook, metric, k, centre)
+def _nearest_codeword_composite(z, codebook, metric, k, centred=False):
+    return nearest_codeword_reference(z, codebook, metric, k, centred)
 
 
 @torch.library.register_fake("quantkit::nearest_codeword")
-def _nearest_codeword_fake(z, codebook, metric, k, centre=None):
+def _nearest_codeword_fake(z, codebook, metric, k, centred=False):
     torch._check(z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1])
     out_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     return z.new_empty((z.shape[0], k), dtype=torch.int64), z.new_empty((z.shape[0], k), dtype=out_dtype)
@@ -307,9 +313,9 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
         _check_finite("nearest_codeword", "z", z)
         _check_finite("nearest_codeword", "codebook", codebook)
     dtype = _common_dtype(z, codebook)
-    centre = _codebook_centre(codebook, unit=code == _COSINE) if code != _DOT else None  # (D,) float64
-    if z.is_cuda and centre is not None:  # the CUDA kernel takes the frame from here (a copy at HBM bandwidth)
+    if z.is_cuda and code != _DOT:  # the CUDA kernel takes the frame from here (a copy at HBM bandwidth)
         acc = _compute_dtype(dtype)
+        centre = _codebook_centre(codebook, unit=code == _COSINE)  # (D,) float64
         z_frame, c_frame, bias, _ = _ranking_frame(z.detach(), codebook.detach(), code, centre, acc)
         if code == _COSINE:  # the per-code bias rides in one extra column against a column of ones
             z_frame = torch.cat([z_frame, z_frame.new_ones(z_frame.shape[0], 1)], dim=1)
@@ -319,9 +325,9 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
         else:  # l2 distances are translation invariant: the frame's are the op's (and differentiable)
             indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre.to(acc),
                                                                               codebook.to(acc) - centre.to(acc), code, k)
-    else:  # the CPU kernel (and the reference) apply the frame themselves
+    else:  # the CPU kernel (and the reference) build the frame themselves
         indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k,
-                                                                          centre)
+                                                                          code != _DOT)
     if k == 1:
         return NearestCodewords(indices.squeeze(1), distances.squeeze(1))
     return NearestCodewords(indices, distances)

@@ -15,6 +15,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 #include <atomic>
 
@@ -70,12 +71,26 @@ QK_INLINE float half_to_float(uint16_t h) {
   return f;
 }
 
+// True when no element of x[0:n] is NaN or inf: an all-ones exponent field, tested with integer ops and an OR
+// reduction, which vectorizes (a floating-point sum of x * 0 would be one serial dependency chain).
+template <class S>
+QK_INLINE bool all_finite(const S* __restrict__ x, int64_t n) {
+  using U = std::conditional_t<sizeof(S) == 4, uint32_t, uint64_t>;
+  constexpr U exponent = sizeof(S) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+  U bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U bits;
+    std::memcpy(&bits, x + i, sizeof(S));
+    bad |= U((bits & exponent) == exponent);
+  }
+  return bad == 0;
+}
+
 // Row r of m converted to S (float or double) into dst[0:cols]. Returns false when the row holds a NaN or inf
 // (x * 0 is NaN exactly for non-finite x, and the sum keeps it, so the check vectorizes).
 template <class S>
 QK_INLINE bool load_row(const Matrix& m, int64_t r, S* __restrict__ dst) {
   const int64_t n = m.cols, cs = m.col_stride;
-  S probe = 0;
   switch (m.dtype) {
     case DType::f32: {
       const float* p = static_cast<const float*>(m.data) + r * m.row_stride;
@@ -102,8 +117,7 @@ QK_INLINE bool load_row(const Matrix& m, int64_t r, S* __restrict__ dst) {
       break;
     }
   }
-  for (int64_t i = 0; i < n; ++i) probe += dst[i] * S(0);
-  return probe == S(0);
+  return all_finite(dst, n);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

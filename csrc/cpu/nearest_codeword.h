@@ -58,15 +58,27 @@ struct Workspace {
 // The codebook-centred frame (the why is in quantkit/ops.py): rows and codes are ranked as f(x) - m, where f is the
 // identity (l2) or the scaling to unit norm (cosine) and m a (D,) centre near the codebook. The packing loops apply
 // it while they convert, in double with one rounding to S, so no centred copy of z or the codebook is ever made.
+//
+// l2 in float32 shifts by the centre rounded to float (x - m_f is one correctly rounded subtraction, and a centre
+// off by an ulp is as good a centre): one vector op per element. Cosine scales in double before it centres (a unit
+// vector rounded to float would carry an error of u against a spread that can be 1e-4).
 struct Frame {
-  const double* centre;  // (D,)
-  bool unit;             // cosine: scale to unit norm before centring
+  const double* centre;   // (D,)
+  const float* centre_f;  // (D,) the centre rounded to float
+  bool unit;              // cosine: scale to unit norm before centring
 };
 
 // Row r of m moved into the frame and rounded to S; false when the row holds a NaN or inf.
 template <class S>
 QK_INLINE bool load_frame_row(const Matrix& m, int64_t r, const Frame& f, double* __restrict__ wide,
                               S* __restrict__ dst) {
+  if (!f.unit) {
+    const bool ok = load_row<S>(m, r, dst);
+    const S* __restrict__ centre = sizeof(S) == 4 ? reinterpret_cast<const S*>(f.centre_f)
+                                                  : reinterpret_cast<const S*>(f.centre);
+    for (int64_t d = 0; d < m.cols; ++d) dst[d] -= centre[d];
+    return ok;
+  }
   const bool ok = load_row<double>(m, r, wide);
   double scale = 1;
   if (f.unit) {
@@ -348,6 +360,174 @@ inline void dispatch_task(const Task<S>& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// few rows: codes streamed straight from the codebook, D in the SIMD lanes
+//
+// With a handful of rows (a sampler asks for one token at a time) a packed tile costs as much to build as to score
+// and a 2L-row panel leaves most lanes empty. Each task then reads its codes row-major from the codebook and scores
+// each against every row in one pass. l2 uses the direct form sum (z - c)^2, which has no cancellation whatever
+// the common offset (z - c is exact for nearby values), so it needs no frame; dot is plain; cosine moves each code
+// into the centred unit-sphere frame in double, where that costs nothing in precision.
+
+constexpr int64_t kFewRows = 16;  // rows below which the few-rows path runs
+constexpr int64_t kFewGroup = 8;   // rows scored per pass over the codes (their accumulators stay in registers)
+
+struct FewTask {
+  const Matrix* codebook;
+  const void* rows;    // (n, D) row-major: raw rows in S (l2, dot), rows in the cosine frame in double
+  const Frame* frame;  // cosine: the frame (nullptr: raw cosine)
+  int metric, k;
+  int64_t c0, c1;      // codes of this task
+  double* best;        // (n, k) running best scores, descending
+  int64_t* best_idx;   // (n, k)
+  double* code;        // (D,) scratch
+  std::atomic<int>* bad;  // bit 2: the codebook holds NaN/inf
+};
+
+// Sum of a vector's lanes as a tree (log2 L dependent adds, not L).
+template <class V>
+QK_INLINE double lane_sum(const V& v) {
+  constexpr int L = sizeof(V) / sizeof(v[0]);
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  alignas(64) T a[L];
+  vstore(a, v);
+#pragma GCC unroll 4
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return double(a[0]);
+}
+
+enum FewMode : int { kFewL2 = 0, kFewDot = 1, kFewCosineFrame = 2, kFewCosineRaw = 3 };
+
+// Scores of codes [c0, c1) against NR rows, in T (S for l2 and dot, double for cosine).
+template <class Isa, int NR, int MODE, class T>
+QK_INLINE void run_few_impl(const FewTask& t) {
+  using V = typename Vec<T, Isa::VB>::V;
+  constexpr int L = Vec<T, Isa::VB>::L;
+  using F = typename Vec<float, L * 4>::V;  // L floats (converted to double lanes when T is double)
+  const Matrix& cb = *t.codebook;
+  const int64_t D = cb.cols, Dv = D / L * L;
+  const T* rows = static_cast<const T*>(t.rows);
+  const double* m = t.frame ? t.frame->centre : nullptr;
+  const bool direct = cb.dtype == DType::f32 && cb.col_stride == 1;  // read in place, else converted by load_row
+  T* buffer = reinterpret_cast<T*>(t.code);
+  V probe{};  // x * 0 per lane: NaN exactly where a code element is not finite
+  for (int64_t c = t.c0; c < t.c1; ++c) {
+    const float* src = direct ? static_cast<const float*>(cb.data) + c * cb.row_stride : nullptr;
+    if (!direct && !load_row<T>(cb, c, buffer)) {
+      t.bad->fetch_or(2);
+      continue;
+    }
+    auto load = [&](int64_t d) -> V {
+      if constexpr (sizeof(T) == 4) {
+        return direct ? vload<V>(src + d) : vload<V>(buffer + d);
+      } else {
+        return direct ? __builtin_convertvector(vload<F>(src + d), V) : vload<V>(buffer + d);
+      }
+    };
+    auto at = [&](int64_t d) -> T { return direct ? T(src[d]) : buffer[d]; };
+    T scale = 1;
+    if constexpr (MODE == kFewCosineFrame) {
+      V sq{};
+      for (int64_t d = 0; d < Dv; d += L) sq += load(d) * load(d);
+      double total = lane_sum(sq);
+      for (int64_t d = Dv; d < D; ++d) total += double(at(d)) * double(at(d));
+      scale = T(1.0 / std::max(std::sqrt(total), kCosineEps));
+    }
+    V acc[NR], extra{};  // extra: cosine frame m.v, raw cosine |c|^2
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[r] = V{};
+    for (int64_t d = 0; d < Dv; d += L) {
+      V v = load(d);
+      probe += v * T(0);
+      if constexpr (MODE == kFewCosineFrame) {
+        const V mv = vload<V>(m + d);
+        v = v * scale - mv;
+        extra += mv * v;
+      } else if constexpr (MODE == kFewCosineRaw) {
+        extra += v * v;
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        const V x = vload<V>(rows + r * D + d);
+        if constexpr (MODE == kFewL2) {
+          const V diff = x - v;
+          acc[r] += diff * diff;
+        } else {
+          acc[r] += x * v;
+        }
+      }
+    }
+    double ds[NR], extra_sum = lane_sum(extra);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) ds[r] = lane_sum(acc[r]);
+    for (int64_t d = Dv; d < D; ++d) {
+      double v = double(at(d));
+      if (!std::isfinite(v)) t.bad->fetch_or(2);
+      if constexpr (MODE == kFewCosineFrame) {
+        v = v * double(scale) - m[d];
+        extra_sum += m[d] * v;
+      } else if constexpr (MODE == kFewCosineRaw) {
+        extra_sum += v * v;
+      }
+      for (int r = 0; r < NR; ++r) {
+        const double x = double(rows[r * D + d]);
+        ds[r] += MODE == kFewL2 ? (x - v) * (x - v) : x * v;
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      double score = ds[r];  // larger is nearer
+      if constexpr (MODE == kFewL2) score = -score;
+      if constexpr (MODE == kFewCosineFrame) score += extra_sum;
+      if constexpr (MODE == kFewCosineRaw) score /= std::max(std::sqrt(extra_sum), kCosineEps);
+      topk_insert<double>(t.best + r * t.k, t.best_idx + r * t.k, t.k, score, c);
+    }
+  }
+  if (lane_sum(probe) != 0.0) t.bad->fetch_or(2);
+}
+
+template <class Isa, class S, int NR>
+QK_INLINE void run_few_rows(const FewTask& t) {
+  if (t.metric == kL2) return run_few_impl<Isa, NR, kFewL2, S>(t);
+  if (t.metric == kDot) return run_few_impl<Isa, NR, kFewDot, S>(t);
+  if (t.frame) return run_few_impl<Isa, NR, kFewCosineFrame, double>(t);
+  run_few_impl<Isa, NR, kFewCosineRaw, double>(t);
+}
+
+template <class Isa, class S>
+QK_INLINE void run_few(const FewTask& t, int64_t n) {
+  switch (n) {
+    case 1: return run_few_rows<Isa, S, 1>(t);
+    case 2: return run_few_rows<Isa, S, 2>(t);
+    case 3: return run_few_rows<Isa, S, 3>(t);
+    case 4: return run_few_rows<Isa, S, 4>(t);
+    case 5: return run_few_rows<Isa, S, 5>(t);
+    case 6: return run_few_rows<Isa, S, 6>(t);
+    case 7: return run_few_rows<Isa, S, 7>(t);
+    default: return run_few_rows<Isa, S, 8>(t);
+  }
+}
+
+#if QK_X86
+template <class S>
+QK_TARGET_AVX512 QK_FLATTEN inline void run_few_avx512(const FewTask& t, int64_t n) { run_few<IsaAvx512, S>(t, n); }
+template <class S>
+QK_TARGET_AVX2 QK_FLATTEN inline void run_few_avx2(const FewTask& t, int64_t n) { run_few<IsaAvx2, S>(t, n); }
+#endif
+template <class S>
+inline void run_few_baseline(const FewTask& t, int64_t n) { run_few<IsaBaseline, S>(t, n); }
+
+template <class S>
+inline void dispatch_few(const FewTask& t, int64_t n) {
+  const char* which = isa();
+#if QK_X86
+  if (which[0] == 'a' && which[3] == '5') return run_few_avx512<S>(t, n);
+  if (which[0] == 'a') return run_few_avx2<S>(t, n);
+#endif
+  (void)which;
+  run_few_baseline<S>(t, n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // driver
 
 // Direct distance between row z and codeword c (double accumulation): what the op returns.
@@ -371,8 +551,11 @@ inline double direct_distance(const double* z, const double* c, int64_t D, int m
 // Error codes returned by nearest_codeword.
 enum Status : int { kOk = 0, kZNotFinite = 1, kCodebookNotFinite = 2 };
 
-// Per-code additive terms in the frame (l2: -|c'|^2 / 2; cosine: m.c', from u.v = (u - m).(v - m) + m.(v - m) + a
-// per-row constant), from the same rounded values the tiles will hold. False when the codebook holds NaN or inf.
+// Per-code additive terms in the frame, from the same rounded values c' the tiles will hold: l2 -|c'|^2 / 2; cosine
+// -|c'|^2 / 2 + (|v|^2 - 1) / 2 with v = c / |c|, since u.v = u'.c' + m.v + (a per-row constant) and
+// m.v = (|v|^2 - |c'|^2) / 2 + (a constant) up to the rounding of c'. (Kept small on purpose: m.c' itself is of the
+// order of the spread and its float rounding alone would exceed the ranking tolerance; the second term is ~1e-16
+// for unit v and -1/2 for a zero codeword, whose cosine with anything is 0.) False when the codebook holds NaN/inf.
 template <class S, class ParallelFor>
 bool frame_code_bias(const Matrix& codebook, const Frame& frame, std::vector<S>& bias, ParallelFor&& parallel_for) {
   const int64_t K = codebook.rows, D = codebook.cols;
@@ -383,27 +566,124 @@ bool frame_code_bias(const Matrix& codebook, const Frame& frame, std::vector<S>&
     std::vector<S> row(static_cast<size_t>(D));
     for (int64_t c = b; c < e; ++c) {
       if (!load_frame_row<S>(codebook, c, frame, wide.data(), row.data())) bad.fetch_or(1);
-      double acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += frame.unit ? frame.centre[d] * double(row[d]) : double(row[d]) * double(row[d]);
-      bias[c] = S(frame.unit ? acc : std::max(-0.5 * acc, -double(std::numeric_limits<S>::max())));
+      double sq = 0;
+      for (int64_t d = 0; d < D; ++d) sq += double(row[d]) * double(row[d]);
+      double unit_excess = 0;  // (|v|^2 - 1) / 2, from the raw codeword in double
+      if (frame.unit) {
+        double raw = 0;
+        for (int64_t d = 0; d < D; ++d) raw += wide[d] * wide[d];  // load_frame_row left the raw row in wide
+        const double scale = 1.0 / std::max(std::sqrt(raw), kCosineEps);
+        unit_excess = 0.5 * (raw * scale * scale - 1.0);
+      }
+      bias[c] = S(std::max(-0.5 * sq + unit_excess, -double(std::numeric_limits<S>::max())));
     }
   });
   return bad.load() == 0;
 }
 
-// indices/distances: (N, k) row-major outputs. parallel_for(begin, end, grain, fn(begin, end)) runs fn over
-// [begin, end) in contiguous chunks, one per thread; threads is how many it uses. centre: (D,) centre of the
-// ranking frame for l2 and cosine (nullptr ranks the raw vectors); the returned distances never depend on it.
+// The few-rows driver: rows loaded once (cosine: moved into the frame, in double), K split into one segment per
+// thread, segments merged in index order (ties stay with the lower index), distances measured directly.
 template <class S, class ParallelFor>
-int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads,
-                     int64_t* indices, S* distances, ParallelFor&& parallel_for, const double* centre = nullptr) {
+int few_rows(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads, int64_t* indices,
+             S* distances, ParallelFor&& parallel_for, const Frame* frame) {
+  const int64_t N = z.rows, K = codebook.rows, D = z.cols;
+  if (N == 0) {  // nothing to score, but a non-finite codebook is still an error
+    std::vector<double> sq;
+    return codeword_sq_norms<S>(codebook, sq, parallel_for) ? kOk : kCodebookNotFinite;
+  }
+  // l2 and dot score raw rows in S; cosine scores rows moved into the frame (or raw), in double.
+  const bool cosine = metric == kCosine;
+  std::vector<S> rows_s(cosine ? 0 : static_cast<size_t>(N * D));
+  std::vector<double> rows_d(cosine ? static_cast<size_t>(N * D) : 0);
+  for (int64_t r = 0; r < N; ++r) {
+    if (!cosine) {
+      if (!load_row<S>(z, r, rows_s.data() + r * D)) return kZNotFinite;
+      continue;
+    }
+    double* row = rows_d.data() + r * D;
+    if (!load_row<double>(z, r, row)) return kZNotFinite;
+    if (frame) {
+      double sq = 0;
+      for (int64_t d = 0; d < D; ++d) sq += row[d] * row[d];
+      const double scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
+      for (int64_t d = 0; d < D; ++d) row[d] = row[d] * scale - frame->centre[d];
+    }
+  }
+  const int64_t segments = std::max<int64_t>(1, std::min(threads, K / std::max<int64_t>(512, k)));
+  const int64_t per_segment = (K + segments - 1) / segments;
+  std::vector<double> best(size_t(segments * N * k), -std::numeric_limits<double>::infinity());
+  std::vector<int64_t> best_idx(best.size(), 0);
+  std::atomic<int> bad{0};
+  parallel_for(0, segments, 1, [&](int64_t b, int64_t e) {
+    std::vector<double> code(static_cast<size_t>(D));
+    for (int64_t seg = b; seg < e; ++seg)
+      for (int64_t g0 = 0; g0 < N; g0 += kFewGroup) {
+        const int64_t at = (seg * N + g0) * k;
+        const void* rows = cosine ? static_cast<const void*>(rows_d.data() + g0 * D)
+                                  : static_cast<const void*>(rows_s.data() + g0 * D);
+        FewTask t{&codebook, rows, cosine ? frame : nullptr, metric, k, std::min(K, seg * per_segment),
+                  std::min(K, (seg + 1) * per_segment), best.data() + at, best_idx.data() + at, code.data(), &bad};
+        dispatch_few<S>(t, std::min(kFewGroup, N - g0));
+      }
+  });
+  if (bad.load() & 2) return kCodebookNotFinite;
+  std::vector<double> zrow(static_cast<size_t>(D)), crow(static_cast<size_t>(D));
+  std::vector<double> merged(static_cast<size_t>(k));
+  for (int64_t r = 0; r < N; ++r) {
+    std::fill(merged.begin(), merged.end(), -std::numeric_limits<double>::infinity());
+    int64_t* idx = indices + r * k;
+    for (int64_t seg = 0; seg < segments; ++seg)
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t at = (seg * N + r) * k + i;
+        topk_insert<double>(merged.data(), idx, int(k), best[at], best_idx[at]);
+      }
+    load_row<double>(z, r, zrow.data());
+    for (int64_t i = 0; i < k; ++i) {
+      load_row<double>(codebook, idx[i], crow.data());
+      distances[r * k + i] = S(direct_distance(zrow.data(), crow.data(), D, metric));
+    }
+  }
+  return kOk;
+}
+
+// The frame's centre, as quantkit.ops._codebook_centre defines it: the float64 mean of up to 256 codewords at
+// evenly spaced indices (rows 0, s, 2s, ... with s = K / 256), scaled to unit norm first for cosine.
+inline std::vector<double> codebook_centre(const Matrix& codebook, bool unit) {
+  const int64_t K = codebook.rows, D = codebook.cols, take = std::min<int64_t>(K, 256);
+  const int64_t stride = std::max<int64_t>(1, K / take);
+  std::vector<double> centre(static_cast<size_t>(D), 0.0), row(static_cast<size_t>(D));
+  for (int64_t i = 0; i < take; ++i) {
+    load_row<double>(codebook, i * stride, row.data());  // a NaN here is reported by the bias pass
+    double scale = 1;
+    if (unit) {
+      double sq = 0;
+      for (int64_t d = 0; d < D; ++d) sq += row[d] * row[d];
+      scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
+    }
+    for (int64_t d = 0; d < D; ++d) centre[d] += row[d] * scale;
+  }
+  for (int64_t d = 0; d < D; ++d) centre[d] /= double(take);
+  return centre;
+}
+
+// indices/distances: (N, k) row-major outputs. parallel_for(begin, end, grain, fn(begin, end)) runs fn over
+// [begin, end) in contiguous chunks, one per thread; threads is how many it uses. centred: rank l2 and cosine in
+// the codebook-centred frame (else the raw vectors); the returned distances never depend on it.
+template <class S, class ParallelFor>
+int nearest_codeword_on(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads,
+                        int64_t* indices, S* distances, ParallelFor&& parallel_for, bool centred) {
   const int64_t N = z.rows, K = codebook.rows, D = z.cols;
   constexpr int64_t R = 32;  // rows per panel, as a unit of work split (a multiple of every ISA's 2L)
-  threads = std::max<int64_t>(1, threads);
+
+  // The few-rows path ranks l2 by the direct form, which needs no frame.
+  const bool framed = centred && metric != kDot && !(N <= kFewRows && metric == kL2);
+  const std::vector<double> centre = framed ? codebook_centre(codebook, metric == kCosine) : std::vector<double>();
+  const std::vector<float> centre_f(centre.begin(), centre.end());
+  const Frame frame_value{centre.data(), centre_f.data(), metric == kCosine};
+  const Frame* frame = framed ? &frame_value : nullptr;
+  if (N <= kFewRows) return few_rows<S>(z, codebook, metric, k, threads, indices, distances, parallel_for, frame);
 
   // O(K) per-code terms (and the codebook's finiteness check), computed once and shared by all threads.
-  const Frame frame_value{centre, metric == kCosine};
-  const Frame* frame = centre && metric != kDot ? &frame_value : nullptr;
   std::vector<S> bias, scale;
   if (frame) {
     if (!frame_code_bias<S>(codebook, *frame, bias, parallel_for)) return kCodebookNotFinite;
@@ -476,6 +756,27 @@ int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k,
     }
   });
   return kOk;
+}
+
+// Waking a thread pool costs tens of microseconds (milliseconds when the other cores are busy), more than a small
+// search: each thread gets at least kMinWorkPerThread multiply-adds, and a call that fits in one runs on the
+// caller's thread without touching the pool (a sampler asking for one token at a time pays no threading cost).
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
+
+struct SerialFor {
+  template <class F>
+  void operator()(int64_t begin, int64_t end, int64_t, const F& f) const {
+    if (begin < end) f(begin, end);
+  }
+};
+
+template <class S, class ParallelFor>
+int nearest_codeword(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t threads,
+                     int64_t* indices, S* distances, ParallelFor&& parallel_for, bool centred = false) {
+  const double work = double(z.rows) * double(codebook.rows) * double(z.cols);
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, int64_t(work / double(kMinWorkPerThread))));
+  if (threads == 1) return nearest_codeword_on<S>(z, codebook, metric, k, 1, indices, distances, SerialFor{}, centred);
+  return nearest_codeword_on<S>(z, codebook, metric, k, threads, indices, distances, parallel_for, centred);
 }
 
 }  // namespace quantkit::cpu::nearest

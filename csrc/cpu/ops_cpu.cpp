@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -65,20 +64,13 @@ void check_isa_request(const char* op) {
 }
 
 std::tuple<Tensor, Tensor> nearest_codeword_cpu(const Tensor& z_t, const Tensor& codebook_t, int64_t metric,
-                                                int64_t k, std::optional<Tensor> centre_t) {
+                                                int64_t k, bool centred) {
   const char* op = "nearest_codeword";
   check_isa_request(op);
   const Matrix z = as_matrix(z_t, op, "z"), codebook = as_matrix(codebook_t, op, "codebook");
   check_pair(op, z, codebook);
   STD_TORCH_CHECK(metric >= 0 && metric <= 2, op, ": metric must be 0 (l2), 1 (cosine) or 2 (dot), got ", metric);
   STD_TORCH_CHECK(k >= 1 && k <= codebook.rows, op, ": k must be in [1, K=", codebook.rows, "], got ", k);
-  const double* centre = nullptr;
-  if (centre_t.has_value()) {
-    const Tensor& c = *centre_t;
-    STD_TORCH_CHECK(c.is_cpu() && c.dim() == 1 && c.size(0) == z.cols && c.scalar_type() == ScalarType::Double &&
-                        c.stride(0) == 1, op, ": centre must be a contiguous (D=", z.cols, ",) float64 CPU tensor");
-    centre = static_cast<const double*>(c.data_ptr());
-  }
   const ScalarType acc = compute_type(z.dtype);
   Tensor indices = torch::stable::new_empty(z_t, {z.rows, k}, ScalarType::Long);
   Tensor distances = torch::stable::new_empty(z_t, {z.rows, k}, acc);
@@ -87,11 +79,11 @@ std::tuple<Tensor, Tensor> nearest_codeword_cpu(const Tensor& z_t, const Tensor&
   if (acc == ScalarType::Double) {
     status = quantkit::cpu::nearest::nearest_codeword<double>(
         z, codebook, int(metric), int(k), threads, static_cast<int64_t*>(indices.data_ptr()),
-        static_cast<double*>(distances.data_ptr()), TorchParallelFor{}, centre);
+        static_cast<double*>(distances.data_ptr()), TorchParallelFor{}, centred);
   } else {
     status = quantkit::cpu::nearest::nearest_codeword<float>(
         z, codebook, int(metric), int(k), threads, static_cast<int64_t*>(indices.data_ptr()),
-        static_cast<float*>(distances.data_ptr()), TorchParallelFor{}, centre);
+        static_cast<float*>(distances.data_ptr()), TorchParallelFor{}, centred);
   }
   STD_TORCH_CHECK(status != quantkit::cpu::nearest::kZNotFinite, op,
                   ": z contains NaN or inf; quantkit rejects non-finite inputs");

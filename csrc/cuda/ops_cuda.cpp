@@ -23,7 +23,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <optional>
 #include <string>
 
 #include "cuda/launchers.h"
@@ -121,12 +120,12 @@ bool nearest_fast_mode() {
 
 // ---- nearest_codeword ------------------------------------------------------------------------------------------
 
-// centre: the CUDA kernel ranks the inputs as given; quantkit.ops moves them into the centred frame on the device
-// before the call (a copy at HBM bandwidth), so a centre reaching this binding is a caller error.
+// centred: the CUDA kernel ranks the inputs as given; quantkit.ops moves them into the centred frame on the device
+// before the call (a copy at HBM bandwidth), so centred=True reaching this binding is a caller error.
 std::tuple<Tensor, Tensor> nearest_codeword_cuda(const Tensor& z_in, const Tensor& codebook_in, int64_t metric,
-                                                 int64_t k, std::optional<Tensor> centre) {
+                                                 int64_t k, bool centred) {
   const char* op = "nearest_codeword";
-  STD_TORCH_CHECK(!centre.has_value(), op, ": the CUDA kernel takes inputs already in the centred frame (centre=None)");
+  STD_TORCH_CHECK(!centred, op, ": the CUDA kernel takes inputs already in the centred frame (centred=False)");
   const qk::DType dtype = check_pair(op, z_in, codebook_in);
   STD_TORCH_CHECK(metric >= 0 && metric <= 2, op, ": metric must be 0 (l2), 1 (cosine) or 2 (dot), got ", metric);
   const int64_t n = z_in.size(0), num_codes = codebook_in.size(0), dim = z_in.size(1);
