@@ -761,7 +761,7 @@ int nearest_codeword_on(const Matrix& z, const Matrix& codebook, int metric, int
 // Waking a thread pool costs tens of microseconds (milliseconds when the other cores are busy), more than a small
 // search: each thread gets at least kMinWorkPerThread multiply-adds, and a call that fits in one runs on the
 // caller's thread without touching the pool (a sampler asking for one token at a time pays no threading cost).
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 23;  // ~0.2-0.5 ms of one core
 
 struct SerialFor {
   template <class F>
