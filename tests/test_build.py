@@ -82,3 +82,26 @@ def test_disable_ext_is_silent_and_runs_the_references():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_an_unexpected_load_failure_warns_once_with_what_to_run(tmp_path):
+    """Only a failure the user did not ask for warns: here the package folder holds no built _C."""
+    script = textwrap.dedent(f"""
+        import warnings
+        from quantkit import _ext
+        _ext._PACKAGE_DIR, _ext.LOAD_ERROR, _ext.LIBRARY_PATH = {str(tmp_path)!r}, None, None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _ext._load()
+        ours = [w for w in caught if "fused kernels unavailable" in str(w.message)]
+        assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning), [str(w.message) for w in caught]
+        assert "pip install --no-build-isolation -e ." in str(ours[0].message)
+        assert _ext.cpu_isa() == "reference"
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("QUANTKIT_DISABLE_EXT", None)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
