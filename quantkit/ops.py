@@ -126,8 +126,11 @@ def _row_chunk(num_codes: int) -> int:
 # fast search ranks with then cancels catastrophically: with an offset 1e4 x the spread, float32 keeps no digit of
 # the distance differences. l2 distances are translation invariant, so both sides are first moved into a frame
 # centred on the codebook (z - m, c - m, each subtraction correctly rounded in the compute type); cosine is moved
-# onto the unit sphere in float64 and centred there, its per-code term carried by one extra column. The ranking
-# error then scales with the spread of the data about m, not with its distance from the origin.
+# onto the unit sphere in float64 and centred there, with a small per-code bias (see _ranking_frame). The ranking
+# error then scales with the spread of the data about m, not with its distance from the origin. The CPU kernel
+# builds the frame itself while it packs its tiles (``centred=True``: no copy of z or the codebook); the reference
+# builds it from copies; for the CUDA kernel the wrapper builds it on the device (the bias of cosine rides in one
+# extra column against a column of ones).
 
 _CENTRE_SAMPLES = 256  # codewords, at evenly spaced indices, whose mean is the frame's centre
 
