@@ -514,3 +514,24 @@ def test_cpu_isa_is_reported_capped_and_an_unknown_value_is_named(monkeypatch):
         _ext.cpu_isa()
     with pytest.raises(RuntimeError, match="nearest_codeword: QUANTKIT_CPU_ISA must be"):
         ops.nearest_codeword(torch.randn(3, 4), torch.randn(5, 4))
+
+
+@pytest.mark.skipif(not HAS_NEAREST, reason="compiled CPU kernel not loaded")
+@pytest.mark.parametrize("isa", ["default", "avx2", "scalar"])
+def test_few_rows_path_is_exact_for_every_width_and_metric(isa, monkeypatch):
+    """N <= 16 streams the codes instead of packing them; rows shorter than one vector run in narrower vectors.
+    Every row width around the vector sizes (1-33 floats), every metric, k = 1 and 3, on a codebook with duplicates
+    (ties go to the lowest index) and a common offset."""
+    if isa != "default":
+        monkeypatch.setenv("QUANTKIT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(11)
+    for D in (1, 4, 7, 8, 12, 16, 33):
+        base = 50 + torch.randn(300, D, generator=gen)
+        codebook = base[torch.arange(700) % 300]  # duplicates: ties everywhere
+        for n in (1, 5, 16):
+            z = 50 + torch.randn(n, D, generator=gen)
+            for metric in METRICS:
+                for k in (1, 3):
+                    indices, distances = _nearest(z, codebook, metric, k)
+                    _assert_optimal(z, codebook, metric, k, indices, distances)
+                    assert bool((indices[:, 0] < 300).all()), f"D={D} n={n} {metric}: a later duplicate won a tie"

@@ -495,6 +495,17 @@ QK_INLINE void run_few_rows(const FewTask& t) {
 
 template <class Isa, class S>
 QK_INLINE void run_few(const FewTask& t, int64_t n) {
+  // A row shorter than one vector would fall entirely to the scalar tail: narrower vectors keep it in the lanes
+  // (the code is still compiled for, and runs with, the wider ISA's instructions).
+  if constexpr (Isa::VB > 16) {
+    const int64_t row_bytes = t.codebook->cols * int64_t(sizeof(S));
+    if (row_bytes < Isa::VB) {
+      if constexpr (Isa::VB == 64) {
+        if (row_bytes >= 32) return run_few<IsaAvx2, S>(t, n);
+      }
+      return run_few<IsaBaseline, S>(t, n);
+    }
+  }
   switch (n) {
     case 1: return run_few_rows<Isa, S, 1>(t);
     case 2: return run_few_rows<Isa, S, 2>(t);
