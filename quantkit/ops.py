@@ -201,9 +201,8 @@ def nearest_codeword_reference(z: Tensor, codebook: Tensor, metric: int, k: int,
     """Pure-PyTorch reference of ``quantkit::nearest_codeword``: (indices (N, k) int64, distances (N, k)).
 
     Ranks by the expanded form (in the codebook-centred frame when ``centred``, see :func:`_ranking_frame`) one row
-    chunk at a time
-    (ties: lowest index, via a stable sort), then measures the chosen codewords directly from z and the codebook,
-    (in float64) so the distances do not depend on the frame and l2 distances are never negative.
+    chunk at a time (ties: lowest index, via a stable sort), then measures the chosen codewords directly from z and
+    the codebook in float64, so the distances do not depend on the frame and l2 distances are never negative.
     """
     _check_finite("nearest_codeword", "z", z)
     _check_finite("nearest_codeword", "codebook", codebook)
@@ -326,8 +325,9 @@ def nearest_codeword(z: Tensor, codebook: Tensor, metric: str = "l2", k: int = 1
             indices, _ = torch.ops.quantkit.nearest_codeword.default(z_frame, c_frame, _DOT, k)
             distances = _codeword_distance(z.to(acc), codebook.to(acc)[indices], _COSINE)
         else:  # l2 distances are translation invariant: the frame's are the op's (and differentiable)
-            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - centre.to(acc),
-                                                                              codebook.to(acc) - centre.to(acc), code, k)
+            m = centre.to(acc)
+            indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(acc) - m, codebook.to(acc) - m,
+                                                                              code, k)
     else:  # the CPU kernel (and the reference) build the frame themselves
         indices, distances = torch.ops.quantkit.nearest_codeword.default(z.to(dtype), codebook.to(dtype), code, k,
                                                                           code != _DOT)

@@ -68,7 +68,15 @@ struct Frame {
   bool unit;              // cosine: scale to unit norm before centring
 };
 
-// Row r of m moved into the frame and rounded to S; false when the row holds a NaN or inf.
+// 1 / max(|x|, eps) in double: the scale that puts a row on the unit sphere, as the cosine metric defines it.
+QK_INLINE double inverse_norm(const double* x, int64_t n) {
+  double sq = 0;
+  for (int64_t d = 0; d < n; ++d) sq += x[d] * x[d];
+  return 1.0 / std::max(std::sqrt(sq), kCosineEps);
+}
+
+// Row r of m moved into the frame and rounded to S; false when the row holds a NaN or inf. For cosine the raw row
+// is left in wide (in double).
 template <class S>
 QK_INLINE bool load_frame_row(const Matrix& m, int64_t r, const Frame& f, double* __restrict__ wide,
                               S* __restrict__ dst) {
@@ -80,12 +88,7 @@ QK_INLINE bool load_frame_row(const Matrix& m, int64_t r, const Frame& f, double
     return ok;
   }
   const bool ok = load_row<double>(m, r, wide);
-  double scale = 1;
-  if (f.unit) {
-    double sq = 0;
-    for (int64_t d = 0; d < m.cols; ++d) sq += wide[d] * wide[d];
-    scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
-  }
+  const double scale = inverse_norm(wide, m.cols);
   for (int64_t d = 0; d < m.cols; ++d) dst[d] = S(wide[d] * scale - f.centre[d]);
   return ok;
 }
@@ -581,10 +584,10 @@ bool frame_code_bias(const Matrix& codebook, const Frame& frame, std::vector<S>&
       for (int64_t d = 0; d < D; ++d) sq += double(row[d]) * double(row[d]);
       double unit_excess = 0;  // (|v|^2 - 1) / 2, from the raw codeword in double
       if (frame.unit) {
-        double raw = 0;
-        for (int64_t d = 0; d < D; ++d) raw += wide[d] * wide[d];  // load_frame_row left the raw row in wide
-        const double scale = 1.0 / std::max(std::sqrt(raw), kCosineEps);
-        unit_excess = 0.5 * (raw * scale * scale - 1.0);
+        const double scale = inverse_norm(wide.data(), D);  // load_frame_row left the raw row in wide
+        double v_sq = 0;
+        for (int64_t d = 0; d < D; ++d) v_sq += (wide[d] * scale) * (wide[d] * scale);
+        unit_excess = 0.5 * (v_sq - 1.0);
       }
       bias[c] = S(std::max(-0.5 * sq + unit_excess, -double(std::numeric_limits<S>::max())));
     }
@@ -605,20 +608,12 @@ int few_rows(const Matrix& z, const Matrix& codebook, int metric, int k, int64_t
   // l2 and dot score raw rows in S; cosine scores rows moved into the frame (or raw), in double.
   const bool cosine = metric == kCosine;
   std::vector<S> rows_s(cosine ? 0 : static_cast<size_t>(N * D));
-  std::vector<double> rows_d(cosine ? static_cast<size_t>(N * D) : 0);
+  std::vector<double> rows_d(cosine ? static_cast<size_t>(N * D) : 0), wide(static_cast<size_t>(D));
   for (int64_t r = 0; r < N; ++r) {
-    if (!cosine) {
-      if (!load_row<S>(z, r, rows_s.data() + r * D)) return kZNotFinite;
-      continue;
-    }
-    double* row = rows_d.data() + r * D;
-    if (!load_row<double>(z, r, row)) return kZNotFinite;
-    if (frame) {
-      double sq = 0;
-      for (int64_t d = 0; d < D; ++d) sq += row[d] * row[d];
-      const double scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
-      for (int64_t d = 0; d < D; ++d) row[d] = row[d] * scale - frame->centre[d];
-    }
+    const bool ok = !cosine ? load_row<S>(z, r, rows_s.data() + r * D)
+                    : frame ? load_frame_row<double>(z, r, *frame, wide.data(), rows_d.data() + r * D)
+                            : load_row<double>(z, r, rows_d.data() + r * D);
+    if (!ok) return kZNotFinite;
   }
   const int64_t segments = std::max<int64_t>(1, std::min(threads, K / std::max<int64_t>(512, k)));
   const int64_t per_segment = (K + segments - 1) / segments;
@@ -665,12 +660,7 @@ inline std::vector<double> codebook_centre(const Matrix& codebook, bool unit) {
   std::vector<double> centre(static_cast<size_t>(D), 0.0), row(static_cast<size_t>(D));
   for (int64_t i = 0; i < take; ++i) {
     load_row<double>(codebook, i * stride, row.data());  // a NaN here is reported by the bias pass
-    double scale = 1;
-    if (unit) {
-      double sq = 0;
-      for (int64_t d = 0; d < D; ++d) sq += row[d] * row[d];
-      scale = 1.0 / std::max(std::sqrt(sq), kCosineEps);
-    }
+    const double scale = unit ? inverse_norm(row.data(), D) : 1.0;
     for (int64_t d = 0; d < D; ++d) centre[d] += row[d] * scale;
   }
   for (int64_t d = 0; d < D; ++d) centre[d] /= double(take);
@@ -710,7 +700,6 @@ int nearest_codeword_on(const Matrix& z, const Matrix& codebook, int metric, int
   }
   const bool scaled = metric == kCosine && !frame;
   std::atomic<int> bad{0};
-  if (N == 0) return kOk;
 
   // Rows split into tasks of whole panels, about 8 per thread, handed out through an atomic counter (dynamic
   // scheduling: a thread slowed by other load takes fewer tasks). With fewer panels than threads, K is split
